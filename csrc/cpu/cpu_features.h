@@ -1,0 +1,17 @@
+// Run-time CPU feature detection: kernels pick their SIMD path from this, never from
+// compile-time flags, so one binary runs on any x86-64 CPU.
+#pragma once
+#include <string>
+
+namespace refpg {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool fma = false;
+  bool avx512f = false;
+  bool avx512bf16 = false;
+};
+
+const CpuFeatures& cpu_features();
+
+}  // namespace refpg
