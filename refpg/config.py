@@ -79,6 +79,7 @@ class PaliGemmaConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     bos_token_id: int = 2
+    tie_word_embeddings: bool = True
 
     @property
     def num_image_tokens(self) -> int:
@@ -200,6 +201,7 @@ def config_from_dict(d: dict) -> PaliGemmaConfig:
         pad_token_id=token_id("pad_token_id", 0),
         eos_token_id=token_id("eos_token_id", 1),
         bos_token_id=token_id("bos_token_id", 2),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
     )
 
 

@@ -1,0 +1,189 @@
+"""PaliGemma: vision tower -> projector -> merge into the token embeddings -> Gemma decoder -> logits."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+
+from refpg import ops
+from refpg.config import PaliGemmaConfig, load_config
+from refpg.gemma import KVCache, decoder, logits
+from refpg.tap import tap
+from refpg.vision import project, vision_tower
+from refpg.weights import Weights, embed_scale, load_weights
+
+BACKENDS = ("numpy", "cpp", "cuda", "auto")
+
+
+class InputError(ValueError):
+    """Inputs the model cannot take: wrong shapes or dtypes, unknown ids, too long a sequence."""
+
+
+def merge_image_features(embeds: np.ndarray, ids: np.ndarray, image_features: np.ndarray | None,
+                         image_token: int) -> np.ndarray:
+    """Put the projected image features at the <image> positions. [B, T, H] -> [B, T, H].
+
+    The features are not scaled by sqrt(hidden) — only token embeddings are.
+    """
+    is_image = ids == image_token  # [B, T]
+    if image_features is None:
+        if is_image.any():
+            raise InputError("input_ids hold <image> tokens but no pixel_values were given")
+        return embeds
+    B, N, _ = image_features.shape
+    counts = is_image.sum(axis=1)
+    if not (counts == N).all():
+        raise InputError(f"each row of input_ids needs exactly {N} <image> tokens (id {image_token}) for its image; "
+                         f"found {counts.tolist()}")
+    embeds = embeds.copy()
+    embeds[is_image] = image_features.reshape(B * N, -1)  # row-major: row b's N features in order
+    return embeds
+
+
+class PaliGemma:
+    """The whole model. `PaliGemma.from_pretrained(dir)` loads a published checkpoint directory."""
+
+    def __init__(self, config: PaliGemmaConfig, weights: Weights):
+        self.config = config
+        self.weights = weights
+
+    @classmethod
+    def from_pretrained(cls, path: str, backend: str = "numpy",
+                        progress: Callable[[int, int], None] | None = None) -> "PaliGemma":
+        if backend != "numpy":
+            if backend not in BACKENDS:
+                raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            if backend != "auto":
+                raise NotImplementedError(f"backend {backend!r} is not implemented yet; only 'numpy' is")
+        config = load_config(path)
+        return cls(config, load_weights(path, config, progress=progress))
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[B, 3, S, S] -> [B, N, H]: SigLIP features projected into the text width."""
+        v = self.config.vision
+        want = (v.num_channels, v.image_size, v.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
+            raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}], got {list(pixel_values.shape)}")
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        return project(vision_tower(pixels, self.weights.vision, v), self.weights.projector)
+
+    def new_cache(self, batch_size: int = 1, max_len: int = 512) -> KVCache:
+        if max_len > self.config.text.max_position_embeddings:
+            raise InputError(f"max_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{self.config.text.max_position_embeddings}")
+        return KVCache(self.config.text, batch_size, max_len)
+
+    def __call__(self, input_ids, pixel_values=None, token_type_ids=None, attention_mask=None,
+                 cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits [B, T, V] (or [B, 1, V] with last_only), with the meaning of transformers' logits.
+
+        token_type_ids: 0 = prefix (image + prompt: full attention inside it), 1 = suffix (causal).
+        Omitted, every token is causal, as in transformers; the Processor always supplies them.
+        With a cache that already holds tokens, new tokens are suffix tokens and attend to all of it.
+        Positions count real tokens from 1 (padding does not advance them), as in transformers'
+        PaliGemma without padding and its generate() with padding.
+        """
+        ids, valid, prefix = self._check_inputs(input_ids, token_type_ids, attention_mask, cache)
+        B, T = ids.shape
+        if cache is None:
+            cache = KVCache(self.config.text, B, T)
+        elif cache.batch_size != B:
+            raise InputError(f"cache was made for batch size {cache.batch_size}, input_ids has {B} rows")
+        if cache.length + T > self.config.text.max_position_embeddings:
+            raise InputError(f"sequence of {cache.length + T} tokens exceeds the model's limit of "
+                             f"{self.config.text.max_position_embeddings}")
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        if features is not None and features.shape[0] != B:
+            raise InputError(f"pixel_values holds {features.shape[0]} images for {B} rows of input_ids")
+        t = self.config.text
+        # <image> ids may lie past the embedding table: look up id 0 there, the features replace it
+        lookup = np.where(ids == self.config.image_token_index, 0, ids)
+        embeds = ops.embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)
+        x = tap("text.embeddings", merge_image_features(embeds, ids, features, self.config.image_token_index))
+        h = decoder(x, valid, prefix, self.weights.text, t, cache)
+        if last_only:
+            h = h[:, -1:]
+        return logits(h, self.weights.text, t)
+
+    def _check_inputs(self, input_ids, token_type_ids, attention_mask, cache):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be a non-empty [B, T] integer array, got {ids.dtype} {list(ids.shape)}")
+        ids = ids.astype(np.int64)
+        V, image_token = self.config.text.vocab_size, self.config.image_token_index
+        bad = ((ids < 0) | (ids >= V)) & (ids != image_token)
+        if bad.any():
+            raise InputError(f"input_ids holds id {int(ids[bad][0])} outside the vocabulary [0, {V})")
+
+        def as_flags(a, name):
+            a = np.asarray(a)
+            if a.shape != ids.shape:
+                raise InputError(f"{name} must have the shape of input_ids {list(ids.shape)}, got {list(a.shape)}")
+            return a
+
+        valid = np.ones(ids.shape, bool) if attention_mask is None else as_flags(attention_mask, "attention_mask") != 0
+        if token_type_ids is None:
+            prefix = np.zeros(ids.shape, bool)  # transformers without token types: plain causal attention
+        else:
+            prefix = as_flags(token_type_ids, "token_type_ids") == 0
+            if cache is not None and cache.length > 0 and (prefix & valid).any():
+                raise InputError("prefix tokens (token_type 0) must all come in the first call; "
+                                 "tokens after cached ones are suffix tokens (token_type 1)")
+        return ids, valid, prefix & valid
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, batch: dict, max_new_tokens: int = 20, **sampling) -> np.ndarray:
+        """New token ids [B, n] int64 (n <= max_new_tokens); rows that hit <eos> are padded with <pad>.
+
+        Greedy by default; sampling options: temperature, top_k, top_p, seed.
+        """
+        steps = list(self.generate_stream(batch, max_new_tokens, **sampling))
+        B = np.asarray(batch["input_ids"]).shape[0]
+        return np.stack(steps, axis=1) if steps else np.zeros((B, 0), np.int64)
+
+    def generate_stream(self, batch: dict, max_new_tokens: int = 20, temperature: float = 0.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        seed: int | None = None) -> Iterator[np.ndarray]:
+        """Yield the next token of every row ([B] int64) as it is decoded."""
+        from refpg.sampling import pick_next
+
+        ids = np.asarray(batch["input_ids"])
+        B, T = ids.shape
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        limit = self.config.text.max_position_embeddings
+        if T + max_new_tokens > limit:
+            raise InputError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's limit of {limit}")
+        rng = np.random.default_rng(seed)
+        cache = self.new_cache(B, T + max_new_tokens)
+        step_logits = self(ids, batch.get("pixel_values"), token_type_ids=batch.get("token_type_ids"),
+                           attention_mask=batch.get("attention_mask"), cache=cache, last_only=True)[:, -1]
+        done = np.zeros(B, bool)
+        eos, pad = self.config.eos_token_id, self.config.pad_token_id
+        for _ in range(max_new_tokens):
+            token = pick_next(step_logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+            token = np.where(done, pad, token)
+            yield token
+            done |= token == eos
+            if done.all():
+                return
+            step_logits = self(token[:, None], token_type_ids=np.ones((B, 1), np.int64), cache=cache)[:, -1]
+
+
+def print_progress(label: str) -> Callable[[int, int], None]:
+    """A progress callback that redraws `label: done/total` on stderr."""
+    start = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 50) == 0:
+            end = "\n" if done == total else ""
+            sys.stderr.write(f"\r{label}: {done}/{total} ({time.perf_counter() - start:.1f} s)" + end)
+            sys.stderr.flush()
+
+    return show

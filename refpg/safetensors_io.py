@@ -1,0 +1,112 @@
+"""Read safetensors files with NumPy alone: memory-mapped, validated, bf16/f16 decoded without torch.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, malformed, or does not fit the model."""
+
+
+# dtype name -> (numpy dtype as stored, bytes per element)
+_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; decoded by bf16_to_f32
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32: the 16 bits become the high half of the float."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafetensorsFile:
+    """One .safetensors file: its validated header and lazily memory-mapped tensors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{path}: truncated (file of {size} bytes has no safetensors header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(f"{path}: bad header length {n} for a file of {size} bytes "
+                                          f"(truncated or not a safetensors file)")
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+            if not (0 <= begin <= end) or end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} ({dtype}{list(shape)}) has data_offsets "
+                                      f"[{begin}, {end}] that do not match its size of {nbytes} bytes")
+            if end > data_len:
+                raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds "
+                                      f"only {data_len} (truncated file)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (bf16 as uint16 bits), memory-mapped: no bytes are read until used."""
+        dtype, shape, begin, end = self.entries[name]
+        if begin == end:
+            return np.zeros(shape, _DTYPES[dtype])
+        return np.memmap(self.path, dtype=_DTYPES[dtype], mode="r", offset=self.data_start + begin, shape=shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor as float32; F32 stays a read-only memory map (no copy)."""
+        dtype = self.entries[name][0]
+        raw = self.raw(name)
+        if dtype == "F32":
+            return raw
+        if dtype == "BF16":
+            return bf16_to_f32(raw)
+        if dtype in ("F16", "F64"):
+            return raw.astype(np.float32)
+        raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, expected a floating-point weight")

@@ -1,0 +1,294 @@
+"""Model weights: plain dataclasses of arrays, and the loader that fills them from a checkpoint.
+
+The loader accepts both tensor namings in the wild (the hub's `language_model.model.*` and newer
+transformers' `model.language_model.*`), a single `model.safetensors` or shards listed in
+`model.safetensors.index.json`, and F32/BF16/F16 tensors. Every tensor is checked against the
+shape the config implies; a missing, unexpected or mis-shaped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from refpg.config import PaliGemmaConfig
+from refpg.safetensors_io import CheckpointError, SafetensorsFile
+
+
+@dataclass
+class Linear:
+    weight: np.ndarray  # [out, in]
+    bias: np.ndarray | None = None  # [out]
+
+
+@dataclass
+class Norm:
+    weight: np.ndarray  # [D]
+    bias: np.ndarray | None = None  # [D] (LayerNorm only)
+
+
+@dataclass
+class VisionLayer:
+    layer_norm1: Norm
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    out_proj: Linear
+    layer_norm2: Norm
+    fc1: Linear
+    fc2: Linear
+
+
+@dataclass
+class VisionWeights:
+    patch_embedding: Linear  # weight [D, 3*P*P]: the P×P stride-P convolution as a matrix
+    position_embedding: np.ndarray  # [N, D]
+    layers: list[VisionLayer]
+    post_layernorm: Norm
+
+
+@dataclass
+class TextLayer:
+    input_layernorm: Norm
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    o_proj: Linear
+    post_attention_layernorm: Norm
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+    # Gemma 2's sandwich norms (None for Gemma):
+    pre_feedforward_layernorm: Norm | None = None
+    post_feedforward_layernorm: Norm | None = None
+
+
+@dataclass
+class TextWeights:
+    embed_tokens: np.ndarray  # [V, H]
+    layers: list[TextLayer]
+    norm: Norm
+    lm_head: np.ndarray  # [V, H]; the same array as embed_tokens when tied
+
+
+@dataclass
+class Weights:
+    vision: VisionWeights
+    projector: Linear
+    text: TextWeights
+
+
+# ---- tensor names ----------------------------------------------------------------------------
+
+VISION = "vision_tower.vision_model."
+TEXT = "language_model.model."
+PROJECTOR = "multi_modal_projector.linear."
+LM_HEAD = "lm_head.weight"
+
+# newer transformers' prefix -> the hub's prefix
+_RENAMES = (
+    ("model.vision_tower.vision_model.", VISION),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.linear.", PROJECTOR),
+    ("model.language_model.", TEXT),
+    ("language_model.lm_head.weight", LM_HEAD),
+)
+_IGNORED_PREFIXES = (VISION + "head.",)  # SigLIP's pooling head: PaliGemma does not use it
+
+
+def hub_name(name: str) -> str:
+    """A tensor's name in the hub's layout, whichever layout the file uses."""
+    for new, hub in _RENAMES:
+        if name.startswith(new):
+            name = hub + name[len(new):]
+            break
+    # transformers 5's save_pretrained drops the inner `vision_model.`
+    if name.startswith("vision_tower.") and not name.startswith(VISION):
+        name = VISION + name[len("vision_tower."):]
+    return name
+
+
+def expected_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, by hub name, with its shape (lm_head excluded: it is optional)."""
+    v, t = cfg.vision, cfg.text
+    D, P, C = v.hidden_size, v.patch_size, v.num_channels
+    shapes = {
+        VISION + "embeddings.patch_embedding.weight": (D, C, P, P),
+        VISION + "embeddings.patch_embedding.bias": (D,),
+        VISION + "embeddings.position_embedding.weight": (v.num_patches, D),
+        VISION + "post_layernorm.weight": (D,),
+        VISION + "post_layernorm.bias": (D,),
+        PROJECTOR + "weight": (cfg.projection_dim, D),
+        PROJECTOR + "bias": (cfg.projection_dim,),
+        TEXT + "embed_tokens.weight": (t.vocab_size, t.hidden_size),
+        TEXT + "norm.weight": (t.hidden_size,),
+    }
+    for i in range(v.num_hidden_layers):
+        p = f"{VISION}encoder.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[p + norm + ".weight"] = (D,)
+            shapes[p + norm + ".bias"] = (D,)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (D, D)
+            shapes[p + f"self_attn.{proj}.bias"] = (D,)
+        shapes[p + "mlp.fc1.weight"] = (v.intermediate_size, D)
+        shapes[p + "mlp.fc1.bias"] = (v.intermediate_size,)
+        shapes[p + "mlp.fc2.weight"] = (D, v.intermediate_size)
+        shapes[p + "mlp.fc2.bias"] = (D,)
+    H, hd = t.hidden_size, t.head_dim
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if t.model_type == "gemma2":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for i in range(t.num_hidden_layers):
+        p = f"{TEXT}layers.{i}."
+        for norm in norms:
+            shapes[p + norm + ".weight"] = (H,)
+        shapes[p + "self_attn.q_proj.weight"] = (t.num_attention_heads * hd, H)
+        shapes[p + "self_attn.k_proj.weight"] = (t.num_key_value_heads * hd, H)
+        shapes[p + "self_attn.v_proj.weight"] = (t.num_key_value_heads * hd, H)
+        shapes[p + "self_attn.o_proj.weight"] = (H, t.num_attention_heads * hd)
+        shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, H)
+        shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, H)
+        shapes[p + "mlp.down_proj.weight"] = (H, t.intermediate_size)
+    if cfg.projection_dim != t.hidden_size:
+        raise CheckpointError(f"projection_dim {cfg.projection_dim} differs from text hidden_size {t.hidden_size}")
+    return shapes
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def open_checkpoint(model_dir: str) -> dict[str, SafetensorsFile]:
+    """Map each tensor name (as stored) to the file holding it; shards via the index's weight_map."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    single_path = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object): {e}") from None
+        files: dict[str, SafetensorsFile] = {}
+        where: dict[str, SafetensorsFile] = {}
+        for name, shard in weight_map.items():
+            if shard not in files:
+                shard_path = os.path.join(model_dir, shard)
+                if not os.path.isfile(shard_path):
+                    raise CheckpointError(f"{shard_path}: shard listed in {index_path} is missing")
+                files[shard] = SafetensorsFile(shard_path)
+            if name not in files[shard].entries:
+                raise CheckpointError(f"{files[shard].path}: tensor {name!r} listed in the index is not in this shard")
+            where[name] = files[shard]
+        for f in files.values():
+            for name in f.keys():
+                if name not in where:
+                    raise CheckpointError(f"{f.path}: tensor {name!r} is not listed in {index_path}")
+        return where
+    if os.path.isfile(single_path):
+        f = SafetensorsFile(single_path)
+        return {name: f for name in f.keys()}
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_weights(model_dir: str, cfg: PaliGemmaConfig,
+                 progress: Callable[[int, int], None] | None = None) -> Weights:
+    """Read, check and convert every weight to float32 (F32 tensors stay memory-mapped)."""
+    stored = open_checkpoint(model_dir)
+    by_hub: dict[str, tuple[str, SafetensorsFile]] = {}
+    for name, f in stored.items():
+        if name.startswith(_IGNORED_PREFIXES) or hub_name(name).startswith(_IGNORED_PREFIXES):
+            continue
+        key = hub_name(name)
+        if key in by_hub:
+            raise CheckpointError(f"{f.path}: tensor {name!r} duplicates {by_hub[key][0]!r} (same weight in two namings)")
+        by_hub[key] = (name, f)
+
+    shapes = expected_shapes(cfg)
+    missing = [n for n in shapes if n not in by_hub]
+    if missing:
+        raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) the config needs, "
+                              f"e.g. {missing[0]!r}" + (f" (and {missing[1:4]})" if len(missing) > 1 else ""))
+    extra = [by_hub[n][0] for n in by_hub if n not in shapes and n != LM_HEAD]
+    if extra:
+        raise CheckpointError(f"{by_hub[hub_name(extra[0])][1].path}: unexpected tensor {extra[0]!r} "
+                              f"({len(extra)} tensor(s) the config does not describe)")
+
+    total = len(by_hub)
+    done = 0
+
+    def get(hub: str) -> np.ndarray:
+        nonlocal done
+        name, f = by_hub[hub]
+        want = shapes.get(hub) or (cfg.text.vocab_size, cfg.text.hidden_size)
+        if f.shape(name) != want:
+            raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
+                                  f"the config implies {list(want)}")
+        arr = f.float32(name)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return arr
+
+    def linear(prefix: str, bias: bool = True) -> Linear:
+        return Linear(get(prefix + ".weight"), get(prefix + ".bias") if bias else None)
+
+    def norm(prefix: str, bias: bool) -> Norm:
+        return Norm(get(prefix + ".weight"), get(prefix + ".bias") if bias else None)
+
+    v, t = cfg.vision, cfg.text
+    patch = linear(VISION + "embeddings.patch_embedding")
+    patch.weight = patch.weight.reshape(v.hidden_size, -1)  # [D, 3, P, P] -> [D, 3*P*P]
+    vision = VisionWeights(
+        patch_embedding=patch,
+        position_embedding=get(VISION + "embeddings.position_embedding.weight"),
+        layers=[],
+        post_layernorm=None,  # type: ignore[arg-type]
+    )
+    for i in range(v.num_hidden_layers):
+        p = f"{VISION}encoder.layers.{i}."
+        vision.layers.append(VisionLayer(
+            layer_norm1=norm(p + "layer_norm1", True),
+            q_proj=linear(p + "self_attn.q_proj"), k_proj=linear(p + "self_attn.k_proj"),
+            v_proj=linear(p + "self_attn.v_proj"), out_proj=linear(p + "self_attn.out_proj"),
+            layer_norm2=norm(p + "layer_norm2", True),
+            fc1=linear(p + "mlp.fc1"), fc2=linear(p + "mlp.fc2"),
+        ))
+    vision.post_layernorm = norm(VISION + "post_layernorm", True)
+    projector = linear(PROJECTOR[:-1])
+
+    gemma2 = t.model_type == "gemma2"
+    layers = []
+    for i in range(t.num_hidden_layers):
+        p = f"{TEXT}layers.{i}."
+        layers.append(TextLayer(
+            input_layernorm=norm(p + "input_layernorm", False),
+            q_proj=linear(p + "self_attn.q_proj", False), k_proj=linear(p + "self_attn.k_proj", False),
+            v_proj=linear(p + "self_attn.v_proj", False), o_proj=linear(p + "self_attn.o_proj", False),
+            post_attention_layernorm=norm(p + "post_attention_layernorm", False),
+            gate_proj=linear(p + "mlp.gate_proj", False), up_proj=linear(p + "mlp.up_proj", False),
+            down_proj=linear(p + "mlp.down_proj", False),
+            pre_feedforward_layernorm=norm(p + "pre_feedforward_layernorm", False) if gemma2 else None,
+            post_feedforward_layernorm=norm(p + "post_feedforward_layernorm", False) if gemma2 else None,
+        ))
+    embed = get(TEXT + "embed_tokens.weight")
+    # PaliGemma ties the LM head to the embeddings (as transformers does, a stored copy is then unused).
+    if cfg.tie_word_embeddings:
+        lm_head = embed
+    elif LM_HEAD in by_hub:
+        lm_head = get(LM_HEAD)
+    else:
+        raise CheckpointError(f"{model_dir}: config.json unties the LM head (tie_word_embeddings: false) "
+                              f"but the checkpoint has no {LM_HEAD!r}")
+    text = TextWeights(embed_tokens=embed, layers=layers, norm=norm(TEXT + "norm", False), lm_head=lm_head)
+    return Weights(vision=vision, projector=projector, text=text)
+
+
+def embed_scale(hidden_size: int) -> np.float32:
+    """Gemma multiplies token embeddings by sqrt(hidden), cast to the weight dtype (float32 here)."""
+    return np.float32(math.sqrt(hidden_size))
