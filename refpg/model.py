@@ -177,13 +177,21 @@ class PaliGemma:
 
 
 def print_progress(label: str) -> Callable[[int, int], None]:
-    """A progress callback that redraws `label: done/total` on stderr."""
+    """A progress callback: redraws `label: done/total` on a terminal (at most 5 times a second),
+    and prints the final count once."""
     start = time.perf_counter()
+    last = [0.0]
+    tty = sys.stderr.isatty()
 
     def show(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 50) == 0:
-            end = "\n" if done == total else ""
-            sys.stderr.write(f"\r{label}: {done}/{total} ({time.perf_counter() - start:.1f} s)" + end)
-            sys.stderr.flush()
+        now = time.perf_counter()
+        if done == total:
+            sys.stderr.write(f"\r{label}: {done}/{total} ({now - start:.1f} s)\n")
+        elif tty and now - last[0] > 0.2:
+            last[0] = now
+            sys.stderr.write(f"\r{label}: {done}/{total} ({now - start:.1f} s)")
+        else:
+            return
+        sys.stderr.flush()
 
     return show

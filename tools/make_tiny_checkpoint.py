@@ -78,7 +78,7 @@ def randomize(model, seed: int) -> None:
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                p.copy_(0.03 * torch.randn(p.shape, generator=g))
             elif "position_embedding" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
