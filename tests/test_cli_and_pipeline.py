@@ -112,3 +112,12 @@ def test_model_rejects_bad_inputs_with_clear_errors(tiny):
     model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"], cache=cache)
     with pytest.raises(ValueError, match="KV cache is full"):
         model(np.array([[5]]), cache=cache)
+
+
+def test_readme_first_command_runs_on_the_shipped_tiny_checkpoint():
+    shipped = os.path.join(ROOT, "tests", "data", "tiny-random")
+    result = run_cli("generate", "--model", shipped, "--image", os.path.join(shipped, "image0.png"),
+                     "--prompt", "caption en")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "the random model still answers something"
+    assert "32 tokens in" in result.stderr  # the default --max-new-tokens, no <eos> from this model

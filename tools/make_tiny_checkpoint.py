@@ -230,8 +230,6 @@ def write_reference(model_dir: str, model) -> None:
 
     proc = hf_processor(model_dir)
     images = test_images()
-    images[0].save(os.path.join(model_dir, "image0.png"))
-    images[1].save(os.path.join(model_dir, "image1.png"))
     ref: dict[str, np.ndarray] = {}
 
     def as_np(batch) -> dict:
@@ -302,6 +300,8 @@ def make_tiny_checkpoint(out_dir: str, variant: str = "f32-hub-single", seed: in
     state = {k: t.to(dtype).clone() for k, t in disk_named_state(model, v["naming"]).items()}
     save_safetensors(state, out_dir, v["shards"])
     check_transformers_reads(out_dir, model)
+    for i, image in enumerate(test_images()):
+        image.save(os.path.join(out_dir, f"image{i}.png"))
     if reference:
         write_reference(out_dir, model)
     return out_dir
