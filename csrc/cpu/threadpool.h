@@ -1,0 +1,16 @@
+// A small fork-join pool: parallel_for splits [0, n) into contiguous chunks, one per worker.
+// Sized from the cores this process may use (sched_getaffinity), settable with set_num_threads.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace refpg {
+
+int num_threads();
+void set_num_threads(int n);  // n <= 0: back to the number of available cores
+
+// Calls fn(begin, end) on disjoint chunks covering [0, n), in parallel; returns when all are done.
+// Chunks are multiples of `grain` (except the last). Runs inline when n is small or one thread.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace refpg
