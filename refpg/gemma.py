@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from refpg import ops
+from refpg import backend as ops
 from refpg.config import TextConfig
+from refpg.ops import rope_cos_sin
 from refpg.tap import tap
 from refpg.weights import TextLayer, TextWeights
 
@@ -122,7 +123,7 @@ def decoder(x: np.ndarray, valid: np.ndarray, prefix: np.ndarray, w: TextWeights
     T = x.shape[1]
     start = cache.length
     positions = cache.reserve(valid, prefix)  # [B, T]
-    cos, sin = ops.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, hd]
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, hd]
     full = prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T)
     sliding = prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T, cfg.sliding_window) \
         if cfg.sliding_window is not None else full

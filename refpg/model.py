@@ -8,15 +8,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from refpg import ops
+from refpg import backend as ops
+from refpg.backend import Selection, use
 from refpg.config import PaliGemmaConfig, load_config
 from refpg.gemma import KVCache, decoder, logits
 from refpg.tap import tap
 from refpg.vision import project, vision_tower
 from refpg.weights import Weights, embed_scale, load_weights
-
-BACKENDS = ("numpy", "cpp", "cuda", "auto")
-
 
 class InputError(ValueError):
     """Inputs the model cannot take: wrong shapes or dtypes, unknown ids, too long a sequence."""
@@ -46,20 +44,28 @@ def merge_image_features(embeds: np.ndarray, ids: np.ndarray, image_features: np
 class PaliGemma:
     """The whole model. `PaliGemma.from_pretrained(dir)` loads a published checkpoint directory."""
 
-    def __init__(self, config: PaliGemmaConfig, weights: Weights):
+    def __init__(self, config: PaliGemmaConfig, weights: Weights, selection: Selection | None = None):
         self.config = config
         self.weights = weights
+        self.selection = selection or Selection.from_spec("numpy")
 
     @classmethod
-    def from_pretrained(cls, path: str, backend: str = "numpy",
+    def from_pretrained(cls, path: str, backend: str | dict | None = None, check: bool | None = None,
+                        weight_dtype: str = "auto",
                         progress: Callable[[int, int], None] | None = None) -> "PaliGemma":
-        if backend != "numpy":
-            if backend not in BACKENDS:
-                raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-            if backend != "auto":
-                raise NotImplementedError(f"backend {backend!r} is not implemented yet; only 'numpy' is")
+        """Load a checkpoint directory.
+
+        backend: "numpy" | "cpp" | "auto" | {op: backend} | "op=backend,…"; None reads REFPG_BACKEND,
+        else auto (the fastest available: cpp when the extension is built). check: run NumPy beside
+        every other op and raise on disagreement (None reads REFPG_CHECK). weight_dtype: "float32",
+        "bfloat16", or "auto" — bfloat16 when the checkpoint stores BF16 and matmul is not NumPy
+        (the native kernels read bf16 directly: half the memory traffic), else float32.
+        """
+        selection = Selection.from_spec(backend, check)
         config = load_config(path)
-        return cls(config, load_weights(path, config, progress=progress))
+        if weight_dtype == "auto":
+            weight_dtype = "bfloat16" if selection.backends["linear"] != "numpy" and stores_bf16(path) else "float32"
+        return cls(config, load_weights(path, config, progress=progress, matrix_dtype=weight_dtype), selection)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -70,7 +76,8 @@ class PaliGemma:
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
             raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}], got {list(pixel_values.shape)}")
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        return project(vision_tower(pixels, self.weights.vision, v), self.weights.projector)
+        with use(self.selection):
+            return project(vision_tower(pixels, self.weights.vision, v), self.weights.projector)
 
     def new_cache(self, batch_size: int = 1, max_len: int = 512) -> KVCache:
         if max_len > self.config.text.max_position_embeddings:
@@ -101,14 +108,15 @@ class PaliGemma:
         if features is not None and features.shape[0] != B:
             raise InputError(f"pixel_values holds {features.shape[0]} images for {B} rows of input_ids")
         t = self.config.text
-        # <image> ids may lie past the embedding table: look up id 0 there, the features replace it
-        lookup = np.where(ids == self.config.image_token_index, 0, ids)
-        embeds = ops.embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)
-        x = tap("text.embeddings", merge_image_features(embeds, ids, features, self.config.image_token_index))
-        h = decoder(x, valid, prefix, self.weights.text, t, cache)
-        if last_only:
-            h = h[:, -1:]
-        return logits(h, self.weights.text, t)
+        with use(self.selection):
+            # <image> ids may lie past the embedding table: look up id 0 there, the features replace it
+            lookup = np.where(ids == self.config.image_token_index, 0, ids)
+            embeds = ops.embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)
+            x = tap("text.embeddings", merge_image_features(embeds, ids, features, self.config.image_token_index))
+            h = decoder(x, valid, prefix, self.weights.text, t, cache)
+            if last_only:
+                h = h[:, -1:]
+            return logits(h, self.weights.text, t)
 
     def _check_inputs(self, input_ids, token_type_ids, attention_mask, cache):
         ids = np.asarray(input_ids)
@@ -174,6 +182,16 @@ class PaliGemma:
             if done.all():
                 return
             step_logits = self(token[:, None], token_type_ids=np.ones((B, 1), np.int64), cache=cache)[:, -1]
+
+
+def stores_bf16(path: str) -> bool:
+    """Whether the checkpoint's embedding matrix is stored as BF16 (published PaliGemmas are)."""
+    from refpg.weights import TEXT, hub_name, open_checkpoint
+
+    for name, f in open_checkpoint(path).items():
+        if hub_name(name) == TEXT + "embed_tokens.weight":
+            return f.dtype(name) == "BF16"
+    return False
 
 
 def print_progress(label: str) -> Callable[[int, int], None]:

@@ -12,6 +12,8 @@ import struct
 
 import numpy as np
 
+from refpg.ops import bf16_to_f32
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, malformed, or does not fit the model."""
@@ -32,11 +34,6 @@ _DTYPES = {
 }
 
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
-
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32: the 16 bits become the high half of the float."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 class SafetensorsFile:

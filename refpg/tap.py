@@ -11,12 +11,20 @@ from typing import Callable, Iterator
 import numpy as np
 
 _hook: Callable[[str, np.ndarray], None] | None = None
+_last = "(start)"
 
 
 def tap(name: str, x: np.ndarray) -> np.ndarray:
+    global _last
+    _last = name  # where we are, for error messages (backend check mode)
     if _hook is not None:
         _hook(name, x)
     return x
+
+
+def last_name() -> str:
+    """The most recent activation named in this process."""
+    return _last
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refpg import ops
+from refpg import backend as ops
 from refpg.config import VisionConfig
 from refpg.tap import tap
 from refpg.weights import Linear, VisionLayer, VisionWeights

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from refpg.config import PaliGemmaConfig
+from refpg.ops import f32_to_bf16
 from refpg.safetensors_io import CheckpointError, SafetensorsFile
 
 
@@ -196,9 +197,14 @@ def open_checkpoint(model_dir: str) -> dict[str, SafetensorsFile]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_weights(model_dir: str, cfg: PaliGemmaConfig,
-                 progress: Callable[[int, int], None] | None = None) -> Weights:
-    """Read, check and convert every weight to float32 (F32 tensors stay memory-mapped)."""
+def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, int], None] | None = None,
+                 matrix_dtype: str = "float32") -> Weights:
+    """Read and check every weight. Norms, biases and position embeddings become float32; the
+    matrices (linear weights, embeddings) become `matrix_dtype`: "float32", or "bfloat16" (kept
+    as bf16 bits in uint16 for the native kernels: BF16 tensors are then used as stored, without
+    a copy). F32 tensors read as float32 stay memory-mapped."""
+    if matrix_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"matrix_dtype must be float32 or bfloat16, got {matrix_dtype!r}")
     stored = open_checkpoint(model_dir)
     by_hub: dict[str, tuple[str, SafetensorsFile]] = {}
     for name, f in stored.items():
@@ -222,21 +228,24 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig,
     total = len(by_hub)
     done = 0
 
-    def get(hub: str) -> np.ndarray:
+    def get(hub: str, matrix: bool = False) -> np.ndarray:
         nonlocal done
         name, f = by_hub[hub]
         want = shapes.get(hub) or (cfg.text.vocab_size, cfg.text.hidden_size)
         if f.shape(name) != want:
             raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
                                   f"the config implies {list(want)}")
-        arr = f.float32(name)
+        if matrix and matrix_dtype == "bfloat16":
+            arr = f.raw(name) if f.dtype(name) == "BF16" else f32_to_bf16(f.float32(name))
+        else:
+            arr = f.float32(name)
         done += 1
         if progress is not None:
             progress(done, total)
         return arr
 
     def linear(prefix: str, bias: bool = True) -> Linear:
-        return Linear(get(prefix + ".weight"), get(prefix + ".bias") if bias else None)
+        return Linear(get(prefix + ".weight", matrix=True), get(prefix + ".bias") if bias else None)
 
     def norm(prefix: str, bias: bool) -> Norm:
         return Norm(get(prefix + ".weight"), get(prefix + ".bias") if bias else None)
@@ -276,12 +285,12 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig,
             pre_feedforward_layernorm=norm(p + "pre_feedforward_layernorm", False) if gemma2 else None,
             post_feedforward_layernorm=norm(p + "post_feedforward_layernorm", False) if gemma2 else None,
         ))
-    embed = get(TEXT + "embed_tokens.weight")
+    embed = get(TEXT + "embed_tokens.weight", matrix=True)
     # PaliGemma ties the LM head to the embeddings (as transformers does, a stored copy is then unused).
     if cfg.tie_word_embeddings:
         lm_head = embed
     elif LM_HEAD in by_hub:
-        lm_head = get(LM_HEAD)
+        lm_head = get(LM_HEAD, matrix=True)
     else:
         raise CheckpointError(f"{model_dir}: config.json unties the LM head (tie_word_embeddings: false) "
                               f"but the checkpoint has no {LM_HEAD!r}")

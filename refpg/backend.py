@@ -1,0 +1,210 @@
+"""Per-op backend registry: `OPS[op][backend] -> fn`, the NumPy reference always present.
+
+The model calls ops by name through this module (`ops.linear(x, w)`); which implementation runs
+is the active `Selection`, set by the model around each forward pass. Selections come from
+`PaliGemma.from_pretrained(path, backend=...)`: one backend for every op (`"cpp"`), a mapping per
+op (`{"matmul": "cpp", "attention": "numpy"}`), or the environment variable `REFPG_BACKEND`
+(`"cpp"` or `"matmul=cpp,attention=numpy"`). `auto` takes the first available of `AUTO_ORDER`.
+
+Check mode (`check=True` or `REFPG_CHECK=1`) runs the NumPy twin beside every non-NumPy op and
+raises `BackendMismatch`, naming the op, where in the model it ran and the error, when they
+disagree beyond the op's tolerance.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from refpg import ops, tap
+
+OP_NAMES = ("linear", "layer_norm", "rms_norm", "gelu_tanh", "geglu", "softcap", "softmax", "rope",
+            "attention", "embedding")
+ALIASES = {"matmul": "linear"}
+AUTO_ORDER = ("cpp", "numpy")  # cuda joins once its kernels keep data on the device (issue 6)
+
+# Check-mode bound per op: normalized mean squared error NMSE = Σ(a−b)² / Σb² (ggml's metric).
+# Both sides compute in float32 from the same inputs, so only summation order and libm differ.
+TOLERANCE = {
+    "linear": 5e-7, "attention": 5e-7, "layer_norm": 1e-7, "rms_norm": 1e-7, "gelu_tanh": 1e-7,
+    "geglu": 1e-7, "softcap": 1e-7, "softmax": 1e-7, "rope": 1e-7, "embedding": 0.0,
+}
+
+OPS: dict[str, dict[str, Callable]] = {name: {"numpy": getattr(ops, name)} for name in OP_NAMES}
+UNAVAILABLE: dict[str, str] = {}  # backend -> why it cannot be used here
+
+try:
+    from refpg import _C
+except ImportError as e:  # the NumPy reference works without the extension
+    _C = None
+    UNAVAILABLE["cpp"] = f"the native extension refpg._C is not importable ({e}); build it with `pip install .`"
+UNAVAILABLE["cuda"] = "the CUDA backend is not implemented yet (issue 6)"
+
+
+def _cpp_linear(x, weight, bias=None):
+    K = x.shape[-1]
+    y = _C.linear(np.ascontiguousarray(x).reshape(-1, K), weight, bias)  # [..., K] -> [M, N]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _register_cpp() -> None:
+    adapters = {"linear": _cpp_linear}
+    for name in OP_NAMES:
+        if name in adapters and hasattr(_C, name):
+            OPS[name]["cpp"] = adapters[name]
+        elif hasattr(_C, name):
+            OPS[name]["cpp"] = getattr(_C, name)
+
+
+if _C is not None:
+    _register_cpp()
+
+
+class BackendMismatch(AssertionError):
+    """Check mode: a backend's result differs from the NumPy reference beyond the op's tolerance."""
+
+
+def nmse(a: np.ndarray, ref: np.ndarray) -> float:
+    """Normalized mean squared error Σ(a−ref)² / Σref² (0 when both are all zeros)."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    denom = float((ref * ref).sum())
+    err = float(((a - ref) ** 2).sum())
+    return err / denom if denom else err
+
+
+def available(backend: str) -> list[str]:
+    """The ops `backend` implements here (empty when it is unavailable)."""
+    if backend in UNAVAILABLE:
+        return []
+    return [op for op in OP_NAMES if backend in OPS[op]]
+
+
+def parse_spec(spec: str | dict | None) -> dict[str, str]:
+    """'cpp' | 'matmul=cpp,attention=numpy' | {'matmul': 'cpp'} | None -> {op: backend} for every op.
+
+    Ops a mapping leaves out use `auto`. None reads REFPG_BACKEND, else `auto`.
+    """
+    if spec is None:
+        spec = os.environ.get("REFPG_BACKEND") or "auto"
+    if isinstance(spec, str):
+        if "=" in spec:
+            pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+            spec = {op.strip(): be.strip() for op, be in pairs}
+        else:
+            spec = {op: spec.strip() for op in OP_NAMES}
+    chosen = {op: "auto" for op in OP_NAMES}
+    for op, be in spec.items():
+        op = ALIASES.get(op, op)
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r} in backend selection; ops are {', '.join(OP_NAMES)} (matmul = linear)")
+        chosen[op] = be
+    for op, be in chosen.items():
+        if be not in ("numpy", "cpp", "cuda", "auto"):
+            raise ValueError(f"unknown backend {be!r} for {op}; choose numpy, cpp, cuda or auto")
+        if be == "auto":
+            chosen[op] = next(b for b in AUTO_ORDER if b in OPS[op] and b not in UNAVAILABLE)
+        elif be in UNAVAILABLE:
+            raise ValueError(f"backend {be!r} for {op} is unavailable: {UNAVAILABLE[be]}")
+        elif be not in OPS[op]:
+            raise ValueError(f"backend {be!r} has no {op} kernel")
+    return chosen
+
+
+@dataclass
+class Selection:
+    """Which backend runs each op, and whether each is checked against NumPy."""
+
+    backends: dict[str, str]
+    check: bool = False
+    fns: dict[str, Callable] = field(init=False)
+
+    def __post_init__(self):
+        self.fns = {op: OPS[op][be] for op, be in self.backends.items()}
+
+    @classmethod
+    def from_spec(cls, spec: str | dict | None = None, check: bool | None = None) -> "Selection":
+        if check is None:
+            check = os.environ.get("REFPG_CHECK", "") not in ("", "0")
+        return cls(parse_spec(spec), check)
+
+    def describe(self) -> str:
+        kinds = sorted(set(self.backends.values()))
+        if len(kinds) == 1:
+            return kinds[0] + (" (checked)" if self.check else "")
+        return ", ".join(f"{op}={be}" for op, be in self.backends.items()) + (" (checked)" if self.check else "")
+
+
+NUMPY = Selection({op: "numpy" for op in OP_NAMES})
+_active: contextvars.ContextVar[Selection] = contextvars.ContextVar("refpg_backend", default=NUMPY)
+
+
+@contextmanager
+def use(selection: Selection) -> Iterator[None]:
+    """Run the ops inside the block with `selection`."""
+    token = _active.set(selection)
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def _call(op: str, *args, **kwargs):
+    sel = _active.get()
+    out = sel.fns[op](*args, **kwargs)
+    if sel.check and sel.backends[op] != "numpy":
+        ref = OPS[op]["numpy"](*args, **kwargs)
+        where = f"{op} ({sel.backends[op]}) after activation {tap.last_name()!r}"
+        if out.shape != ref.shape:
+            raise BackendMismatch(f"{where}: shape {out.shape}, numpy gives {ref.shape}")
+        if (np.isfinite(out) != np.isfinite(ref)).any():  # NaN/Inf mismatches fail before any error is measured
+            raise BackendMismatch(f"{where}: NaN/Inf where numpy has a finite value, or the reverse")
+        err = nmse(out, ref)
+        if err > TOLERANCE[op]:
+            raise BackendMismatch(f"{where} differs from numpy: NMSE {err:.2e} > {TOLERANCE[op]:.0e}")
+    return out
+
+
+# The ops, by name, as the model calls them.
+def linear(x, weight, bias=None):
+    return _call("linear", x, weight, bias)
+
+
+def layer_norm(x, weight, bias, eps):
+    return _call("layer_norm", x, weight, bias, eps)
+
+
+def rms_norm(x, weight, eps):
+    return _call("rms_norm", x, weight, eps)
+
+
+def gelu_tanh(x):
+    return _call("gelu_tanh", x)
+
+
+def geglu(gate, up):
+    return _call("geglu", gate, up)
+
+
+def softcap(x, cap):
+    return x if cap is None else _call("softcap", x, cap)
+
+
+def softmax(x):
+    return _call("softmax", x)
+
+
+def rope(x, cos, sin):
+    return _call("rope", x, cos, sin)
+
+
+def attention(q, k, v, mask, scale, logit_softcap=None):
+    return _call("attention", q, k, v, mask, scale, logit_softcap)
+
+
+def embedding(table, ids):
+    return _call("embedding", table, ids)

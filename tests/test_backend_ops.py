@@ -1,0 +1,145 @@
+"""Every op × every available backend against the NumPy reference (ggml's test-backend-ops).
+
+One table of cases; each case builds inputs, runs the op on the backend and on NumPy, and compares
+with NMSE = Σ(a−b)²/Σb² against the op's bound in refpg.backend.TOLERANCE. NaN/Inf mismatches
+fail before the error is measured. A backend that is not built here, or lacks an op, is skipped
+with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refpg import backend
+from refpg.gemma import prefix_lm_mask
+from refpg.ops import f32_to_bf16, rope_cos_sin
+
+F32 = np.float32
+rng = np.random.default_rng(1234)
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(F32)
+
+
+# ---- cases: (op, id, builder returning the op's arguments) -------------------------------------
+
+def linear_case(M, K, N, bias=True, bf16=False, batch=None):
+    def build():
+        x = randn(*(batch or ()), M, K)
+        w = randn(N, K, scale=K ** -0.5)
+        return (x, f32_to_bf16(w) if bf16 else w, randn(N) if bias else None)
+    return build
+
+
+def norm_case(op, shape):
+    def build():
+        x = randn(*shape, scale=3.0) + F32(0.5)
+        D = shape[-1]
+        if op == "rms_norm":
+            return (x, randn(D, scale=0.3), 1e-6)
+        return (x, 1 + randn(D, scale=0.3), randn(D, scale=0.1), 1e-6)
+    return build
+
+
+def attention_case(B, T, S, H, KV, hd, mask="prefix", softcap=None, max_len=None):
+    def build():
+        max_s = max_len or S
+        cache_k = randn(B, max_s, KV, hd)
+        cache_v = randn(B, max_s, KV, hd)
+        q = randn(B, T, H, hd)
+        start = S - T
+        if mask == "random":
+            m = rng.random((B, T, S)) < 0.7
+            m[:, :, 0] = True
+        else:
+            valid = np.ones((B, max_s), bool)
+            valid[0, :min(3, S - 1)] = False  # left padding in row 0
+            prefix = np.zeros((B, max_s), bool)
+            if mask == "prefix":
+                prefix[:, :S // 2] = True
+            window = 5 if mask == "sliding" else None
+            if mask == "sliding":
+                prefix[:, :S // 3] = True
+            m = prefix_lm_mask(valid, prefix & valid, start, T, window)
+        return (q, cache_k[:, :S], cache_v[:, :S], m, hd ** -0.5, softcap)
+    return build
+
+
+def rope_case(B, T, H, hd):
+    def build():
+        pos = np.arange(1, T + 1)[None].repeat(B, 0) + rng.integers(0, 1000, (B, 1))
+        cos, sin = rope_cos_sin(pos, hd, 10000.0)
+        return (randn(B, T, H, hd), cos, sin)
+    return build
+
+
+CASES = []
+for M, K, N in [(1, 1, 1), (1, 7, 3), (3, 17, 33), (1, 2048, 257), (4, 64, 100), (7, 127, 129),
+                (16, 256, 513), (65, 33, 17), (266, 128, 96), (257, 300, 70)]:
+    for bf16 in (False, True):
+        CASES.append(("linear", f"M{M}-K{K}-N{N}-{'bf16' if bf16 else 'f32'}", linear_case(M, K, N, bias=M % 2 == 1, bf16=bf16)))
+CASES.append(("linear", "batched-3d", linear_case(5, 24, 40, batch=(2,))))
+for op in ("rms_norm", "layer_norm"):
+    for shape in [(1, 1), (3, 7), (2, 5, 33), (17, 1152), (4, 2048)]:
+        CASES.append((op, "x".join(map(str, shape)), norm_case(op, shape)))
+for shape in [(1,), (7,), (3, 33), (2, 5, 1000)]:
+    sid = "x".join(map(str, shape))
+    CASES.append(("gelu_tanh", sid, lambda shape=shape: (randn(*shape, scale=4.0),)))
+    CASES.append(("geglu", sid, lambda shape=shape: (randn(*shape, scale=4.0), randn(*shape))))
+    CASES.append(("softcap", sid, lambda shape=shape: (randn(*shape, scale=80.0), 30.0)))
+    CASES.append(("softmax", sid, lambda shape=shape: (randn(*shape, scale=5.0),)))
+CASES.append(("softmax", "huge-logits", lambda: (np.array([[1e4, -1e4, 0.0], [3e4, 3e4, -3e4]], F32),)))
+for B, T, H, hd in [(1, 1, 1, 2), (1, 3, 2, 8), (2, 5, 8, 16), (1, 266, 8, 256), (3, 1, 1, 256)]:
+    CASES.append(("rope", f"B{B}-T{T}-H{H}-hd{hd}", rope_case(B, T, H, hd)))
+for args in [
+    dict(B=1, T=1, S=1, H=1, KV=1, hd=8),
+    dict(B=1, T=7, S=7, H=4, KV=4, hd=16),  # plain MHA, whole prefill
+    dict(B=2, T=9, S=9, H=8, KV=1, hd=32),  # MQA (PaliGemma 1)
+    dict(B=2, T=9, S=9, H=8, KV=4, hd=32, mask="sliding"),  # GQA 2
+    dict(B=1, T=1, S=40, H=8, KV=1, hd=256, max_len=64),  # decode, strided cache view
+    dict(B=2, T=1, S=2048, H=8, KV=1, hd=64, max_len=2100),  # long cache
+    dict(B=1, T=3, S=100, H=16, KV=2, hd=24, mask="random"),  # GQA 8
+    dict(B=1, T=5, S=20, H=4, KV=2, hd=16, softcap=50.0),  # Gemma 2 soft-cap
+    dict(B=1, T=266, S=266, H=8, KV=1, hd=256),  # PaliGemma-3B prefill
+]:
+    name = "-".join(f"{k}{v}" for k, v in args.items())
+    CASES.append(("attention", name, attention_case(**args)))
+for V, D, bf16 in [(1, 1, False), (50, 7, False), (1000, 64, True)]:
+    def build(V=V, D=D, bf16=bf16):
+        table = randn(V, D)
+        return (f32_to_bf16(table) if bf16 else table, rng.integers(0, V, (2, 5)))
+    CASES.append(("embedding", f"V{V}-D{D}-{'bf16' if bf16 else 'f32'}", build))
+
+OTHER_BACKENDS = ("cpp", "cuda")
+
+
+def backend_param(be):
+    if be in backend.UNAVAILABLE:
+        return pytest.param(be, marks=pytest.mark.skip(reason=backend.UNAVAILABLE[be]))
+    return be
+
+
+@pytest.mark.parametrize("be", [backend_param(b) for b in OTHER_BACKENDS])
+@pytest.mark.parametrize("op,case,build", CASES, ids=[f"{op}-{case}" for op, case, _ in CASES])
+def test_op_matches_numpy_reference(be, op, case, build):
+    if be not in backend.OPS[op]:
+        pytest.skip(f"{be} has no {op} kernel")
+    args = build()
+    ref = backend.OPS[op]["numpy"](*args)
+    out = backend.OPS[op][be](*args)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert (np.isfinite(out) == np.isfinite(ref)).all(), "NaN/Inf where the reference has none (or the reverse)"
+    err = backend.nmse(out, ref)
+    assert err <= backend.TOLERANCE[op], f"{op} {case} on {be}: NMSE {err:.2e} > {backend.TOLERANCE[op]:.0e}"
+
+
+def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
+    """CI sets REFPG_REQUIRE_CPP=1: there the cpp rows above must run, not skip."""
+    import os
+
+    if not os.environ.get("REFPG_REQUIRE_CPP"):
+        pytest.skip("REFPG_REQUIRE_CPP is not set (CI sets it)")
+    assert "cpp" not in backend.UNAVAILABLE, backend.UNAVAILABLE.get("cpp")
+    assert backend.available("cpp") == list(backend.OP_NAMES)
