@@ -65,6 +65,10 @@ if _C is not None:
     _register_cpp()
 
 
+class BackendError(ValueError):
+    """A backend selection names an unknown op or backend, or one that is not available here."""
+
+
 class BackendMismatch(AssertionError):
     """Check mode: a backend's result differs from the NumPy reference beyond the op's tolerance."""
 
@@ -101,17 +105,17 @@ def parse_spec(spec: str | dict | None) -> dict[str, str]:
     for op, be in spec.items():
         op = ALIASES.get(op, op)
         if op not in OPS:
-            raise ValueError(f"unknown op {op!r} in backend selection; ops are {', '.join(OP_NAMES)} (matmul = linear)")
+            raise BackendError(f"unknown op {op!r} in backend selection; ops are {', '.join(OP_NAMES)} (matmul = linear)")
         chosen[op] = be
     for op, be in chosen.items():
         if be not in ("numpy", "cpp", "cuda", "auto"):
-            raise ValueError(f"unknown backend {be!r} for {op}; choose numpy, cpp, cuda or auto")
+            raise BackendError(f"unknown backend {be!r} for {op}; choose numpy, cpp, cuda or auto")
         if be == "auto":
             chosen[op] = next(b for b in AUTO_ORDER if b in OPS[op] and b not in UNAVAILABLE)
         elif be in UNAVAILABLE:
-            raise ValueError(f"backend {be!r} for {op} is unavailable: {UNAVAILABLE[be]}")
+            raise BackendError(f"backend {be!r} for {op} is unavailable: {UNAVAILABLE[be]}")
         elif be not in OPS[op]:
-            raise ValueError(f"backend {be!r} has no {op} kernel")
+            raise BackendError(f"backend {be!r} has no {op} kernel")
     return chosen
 
 

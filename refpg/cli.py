@@ -6,13 +6,14 @@ import argparse
 import sys
 import time
 
+from refpg.backend import BackendError, BackendMismatch
 from refpg.config import ConfigError
 from refpg.model import InputError
 from refpg.processor import ProcessorError
 from refpg.safetensors_io import CheckpointError
 
 # what a user can cause; anything else is a bug in refpg and keeps its traceback
-USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, InputError, OSError, NotImplementedError)
+USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, InputError, OSError, BackendError, BackendMismatch)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -25,10 +26,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(args.model)
     batch = proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow load
-    model = PaliGemma.from_pretrained(args.model, backend=args.backend, progress=print_progress("loading weights"))
+    model = PaliGemma.from_pretrained(args.model, backend=args.backend, check=args.check or None,
+                                      progress=print_progress("loading weights"))
     n_prompt = batch["input_ids"].shape[1]
-    log(f"prompt: {n_prompt} tokens ({proc.num_image_tokens} image); loaded in {time.perf_counter() - t0:.1f} s; "
-        f"encoding image + prompt…")
+    log(f"prompt: {n_prompt} tokens ({proc.num_image_tokens} image); backend {model.selection.describe()}; "
+        f"loaded in {time.perf_counter() - t0:.1f} s; encoding image + prompt…")
     t1 = time.perf_counter()
     text, n, first = proc.stream(), 0, None
     for step in model.generate_stream(batch, args.max_new_tokens, temperature=args.temperature,
@@ -63,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--backend", default="numpy", help="numpy (default)")
+    g.add_argument("--backend", default=None,
+                   help="numpy | cpp | auto | per op, e.g. matmul=cpp,attention=numpy "
+                        "(default: $REFPG_BACKEND, else auto = the fastest available)")
+    g.add_argument("--check", action="store_true",
+                   help="run the NumPy reference beside every other op and stop at the first disagreement")
     g.set_defaults(run=cmd_generate)
     return ap
 

@@ -1,34 +1,110 @@
 #!/usr/bin/env python3
-"""Time one full-width layer of PaliGemma-3B-224, refpg NumPy beside transformers fp32 (torch CPU).
+"""Benchmark refpg on the real PaliGemma-3B-224 shapes (random weights), side by side in one run.
 
-Random weights with the real shapes: a SigLIP encoder layer (256 tokens × 1152, MLP 4304, 16 heads)
-and a Gemma decoder layer (2048 wide, MLP 16384, 8 heads, 1 kv head, head_dim 256) for a prefill of
-256 image + 10 prompt tokens and for one decode step over that cache. Both sides run in the same
-process on the same inputs; outputs are compared so the timing is of the same computation.
+Per op (the shapes one layer uses) and end to end — image encode, prefill of 256 image + 10 prompt
+tokens, per-token decode — for: refpg numpy, refpg cpp with fp32 weights, refpg cpp with bf16
+weights, and transformers on torch CPU (fp32 and bf16) when installed. Decode is also compared with
+its memory-bandwidth roofline: the bytes of weights one token reads ÷ the measured read bandwidth.
 
-    python tools/bench.py --repeat 3
+Fewer layers (`--vision-layers`, `--text-layers`) keep it to minutes; the LM head (257216 × 2048)
+is always whole. Times are the best of `--repeat` runs.
+
+    python tools/bench.py --text-layers 2 --vision-layers 2 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from refpg import backend
+from refpg.backend import Selection, use
+from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig
+from refpg.model import PaliGemma
+from refpg.ops import f32_to_bf16
+from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, VisionWeights, Weights
 
-from refpg import gemma, vision  # noqa: E402
-from refpg.config import TextConfig, VisionConfig  # noqa: E402
-from refpg.weights import Linear, Norm, TextLayer, VisionLayer  # noqa: E402
+PROMPT_TOKENS = 10
 
-VISION_3B = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                         image_size=224, patch_size=14)
-TEXT_3B = TextConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
-                     num_key_value_heads=1, head_dim=256, vocab_size=257216)
-PREFIX = 256 + 10
+
+def config_3b(vision_layers: int, text_layers: int) -> PaliGemmaConfig:
+    vision = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers,
+                          num_attention_heads=16, image_size=224, patch_size=14)
+    text = TextConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=text_layers,
+                      num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=257216)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_index=257152, projection_dim=2048)
+
+
+def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> Weights:
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=1.0):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+    def lin(o, i, bias=True):
+        return Linear(rand(o, i, scale=i ** -0.5), rand(o, scale=0.02) if bias else None)
+
+    v, t = cfg.vision, cfg.text
+    D, F = v.hidden_size, v.intermediate_size
+    vision = VisionWeights(
+        patch_embedding=lin(D, 3 * v.patch_size ** 2), position_embedding=rand(v.num_patches, D, scale=0.02),
+        layers=[VisionLayer(Norm(1 + rand(D, scale=0.1), rand(D, scale=0.02)), lin(D, D), lin(D, D), lin(D, D),
+                            lin(D, D), Norm(1 + rand(D, scale=0.1), rand(D, scale=0.02)), lin(F, D), lin(D, F))
+                for _ in range(v.num_hidden_layers)],
+        post_layernorm=Norm(1 + rand(D, scale=0.1), rand(D, scale=0.02)))
+    H, hd = t.hidden_size, t.head_dim
+    layers = [TextLayer(Norm(rand(H, scale=0.1)), lin(t.num_attention_heads * hd, H, False),
+                        lin(t.num_key_value_heads * hd, H, False), lin(t.num_key_value_heads * hd, H, False),
+                        lin(H, t.num_attention_heads * hd, False), Norm(rand(H, scale=0.1)),
+                        lin(t.intermediate_size, H, False), lin(t.intermediate_size, H, False),
+                        lin(H, t.intermediate_size, False))
+              for _ in range(t.num_hidden_layers)]
+    embed = rand(t.vocab_size, H, scale=0.02)
+    return Weights(vision=vision, projector=lin(H, D),
+                   text=TextWeights(embed_tokens=embed, layers=layers, norm=Norm(rand(H, scale=0.1)), lm_head=embed))
+
+
+def to_bf16(w: Weights) -> Weights:
+    """The same weights with every matrix as bf16 bits (what a published BF16 checkpoint gives)."""
+    def conv(obj):
+        if isinstance(obj, Linear):
+            return Linear(f32_to_bf16(obj.weight), obj.bias)
+        if isinstance(obj, list):
+            return [conv(o) for o in obj]
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, Norm):
+            return type(obj)(**{f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return obj
+    out = conv(w)
+    embed = f32_to_bf16(w.text.embed_tokens)
+    out.text.embed_tokens = out.text.lm_head = embed
+    return out
+
+
+def weight_bytes_per_token(w: Weights) -> int:
+    """Bytes of decoder weights one decode step reads: every text matrix and the LM head once."""
+    total = w.text.lm_head.nbytes + w.text.norm.weight.nbytes
+    for layer in w.text.layers:
+        for f in dataclasses.fields(layer):
+            part = getattr(layer, f.name)
+            if part is not None:
+                total += part.weight.nbytes
+    return total
+
+
+def read_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s reading a matrix far larger than the caches, all cores: the best of a
+    matrix-vector product with OpenBLAS (fp32) and with refpg._C (bf16), which read it once."""
+    w = np.full((nbytes // 4 // 4096, 4096), 0.5, np.float32)
+    x = np.ones((4096, 1), np.float32)
+    bw = max(w.nbytes / best_of(lambda: w @ x, 3), 0.0)
+    if backend._C is not None and hasattr(backend._C, "linear"):
+        w16 = np.zeros((nbytes // 2 // 4096, 4096), np.uint16)
+        bw = max(bw, w16.nbytes / best_of(lambda: backend._C.linear(x.T.copy(), w16), 3))
+    return bw
 
 
 def best_of(fn, repeat: int) -> float:
@@ -40,174 +116,196 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
-def rand(rng, *shape, scale=1.0):
-    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+def inputs_for(cfg: PaliGemmaConfig, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    n = cfg.num_image_tokens
+    ids = np.concatenate([np.full(n, cfg.image_token_index), [2], rng.integers(3, 250000, PROMPT_TOKENS - 1)])[None]
+    pixels = rng.uniform(-1, 1, (1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+    return ids.astype(np.int64), pixels, np.zeros_like(ids)
 
 
-def vision_layer_weights(rng, c: VisionConfig) -> VisionLayer:
-    D, F = c.hidden_size, c.intermediate_size
-    lin = lambda o, i: Linear(rand(rng, o, i, scale=i ** -0.5), rand(rng, o, scale=0.1))  # noqa: E731
-    norm = lambda: Norm(1 + rand(rng, D, scale=0.1), rand(rng, D, scale=0.1))  # noqa: E731
-    return VisionLayer(norm(), lin(D, D), lin(D, D), lin(D, D), lin(D, D), norm(), lin(F, D), lin(D, F))
+def time_refpg(model: PaliGemma, cfg, repeat: int, decode_steps: int) -> dict[str, float]:
+    ids, pixels, types = inputs_for(cfg)
+    out = {"image encode": best_of(lambda: model.encode_images(pixels), repeat)}
+
+    def prefill():
+        cache = model.new_cache(1, ids.shape[1] + decode_steps + 1)
+        model(ids, pixels, token_type_ids=types, cache=cache, last_only=True)
+        return cache
+
+    out["prefill (image + prompt)"] = best_of(prefill, repeat)
+    cache = prefill()
+    token = np.array([[100]])
+    per_token = []
+    for _ in range(decode_steps):
+        t = time.perf_counter()
+        model(token, cache=cache, last_only=True)
+        per_token.append(time.perf_counter() - t)
+    out["decode, per token"] = min(per_token)
+    return out
 
 
-def text_layer_weights(rng, c: TextConfig) -> TextLayer:
-    H, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    lin = lambda o, i: Linear(rand(rng, o, i, scale=i ** -0.5))  # noqa: E731
-    norm = lambda: Norm(rand(rng, H, scale=0.1))  # noqa: E731
-    return TextLayer(norm(), lin(c.num_attention_heads * hd, H), lin(c.num_key_value_heads * hd, H),
-                     lin(c.num_key_value_heads * hd, H), lin(H, c.num_attention_heads * hd), norm(),
-                     lin(F, H), lin(F, H), lin(H, F))
-
-
-def torch_vision_layer(w: VisionLayer, c: VisionConfig):
+def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, decode_steps: int) -> dict[str, float]:
     import torch
-    from transformers import SiglipVisionConfig
-    from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+    from transformers import PaliGemmaConfig as HFConfig, PaliGemmaForConditionalGeneration
 
-    cfg = SiglipVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                             num_attention_heads=c.num_attention_heads, patch_size=c.patch_size)
-    cfg._attn_implementation = "sdpa"
-    layer = SiglipEncoderLayer(cfg).eval()
-    sd = {"layer_norm1.weight": w.layer_norm1.weight, "layer_norm1.bias": w.layer_norm1.bias,
-          "layer_norm2.weight": w.layer_norm2.weight, "layer_norm2.bias": w.layer_norm2.bias}
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        sd[f"self_attn.{name}.weight"] = getattr(w, name).weight
-        sd[f"self_attn.{name}.bias"] = getattr(w, name).bias
-    for name in ("fc1", "fc2"):
-        sd[f"mlp.{name}.weight"] = getattr(w, name).weight
-        sd[f"mlp.{name}.bias"] = getattr(w, name).bias
-    layer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
-    return layer
+    v, t = cfg.vision, cfg.text
+    hf = HFConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                           num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                           patch_size=v.patch_size, image_size=v.image_size, vision_use_head=False),
+        text_config=dict(model_type="gemma", hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, vocab_size=t.vocab_size),
+        image_token_index=cfg.image_token_index, projection_dim=cfg.projection_dim, vocab_size=t.vocab_size)
+    model = PaliGemmaForConditionalGeneration(hf)
+    sd = {}
+    vt, lm = "model.vision_tower.", "model.language_model."
+    pe = weights.vision.patch_embedding
+    sd[vt + "embeddings.patch_embedding.weight"] = pe.weight.reshape(v.hidden_size, 3, v.patch_size, v.patch_size)
+    sd[vt + "embeddings.patch_embedding.bias"] = pe.bias
+    sd[vt + "embeddings.position_embedding.weight"] = weights.vision.position_embedding
+    for i, L in enumerate(weights.vision.layers):
+        p = f"{vt}encoder.layers.{i}."
+        for name in ("layer_norm1", "layer_norm2"):
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = getattr(L, name).weight, getattr(L, name).bias
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = getattr(L, name).weight, getattr(L, name).bias
+        for name in ("fc1", "fc2"):
+            sd[p + f"mlp.{name}.weight"], sd[p + f"mlp.{name}.bias"] = getattr(L, name).weight, getattr(L, name).bias
+    sd[vt + "post_layernorm.weight"], sd[vt + "post_layernorm.bias"] = weights.vision.post_layernorm.weight, weights.vision.post_layernorm.bias
+    sd["model.multi_modal_projector.linear.weight"] = weights.projector.weight
+    sd["model.multi_modal_projector.linear.bias"] = weights.projector.bias
+    sd[lm + "embed_tokens.weight"] = weights.text.embed_tokens
+    sd[lm + "norm.weight"] = weights.text.norm.weight
+    for i, L in enumerate(weights.text.layers):
+        p = f"{lm}layers.{i}."
+        sd[p + "input_layernorm.weight"] = L.input_layernorm.weight
+        sd[p + "post_attention_layernorm.weight"] = L.post_attention_layernorm.weight
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{name}.weight"] = getattr(L, name).weight
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            sd[p + f"mlp.{name}.weight"] = getattr(L, name).weight
+    tdtype = getattr(torch, dtype)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in sd.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model = model.to(tdtype).eval()  # lm_head stays tied to the embeddings
+    ids, pixels, types = inputs_for(cfg)
+    ids_t, px, tt = torch.from_numpy(ids), torch.from_numpy(pixels).to(tdtype), torch.from_numpy(types)
+    out = {}
+    with torch.no_grad():
+        out["image encode"] = best_of(lambda: model.model.get_image_features(px), repeat)
+
+        def prefill():
+            return model(input_ids=ids_t, pixel_values=px, token_type_ids=tt, use_cache=True, logits_to_keep=1)
+
+        out["prefill (image + prompt)"] = best_of(prefill, repeat)
+        cache = prefill().cache
+        per_token, token = [], torch.tensor([[100]])
+        for step in range(decode_steps):
+            pos = torch.tensor([[ids.shape[1] + step + 1]])
+            t0 = time.perf_counter()
+            cache = model(input_ids=token, cache=cache, position_ids=pos, use_cache=True).cache
+            per_token.append(time.perf_counter() - t0)
+        out["decode, per token"] = min(per_token)
+    del model
+    return out
 
 
-def torch_text_layer(w: TextLayer, c: TextConfig):
-    import torch
-    from transformers import GemmaConfig
-    from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRotaryEmbedding
-
-    cfg = GemmaConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                      head_dim=c.head_dim, num_hidden_layers=1)
-    cfg._attn_implementation = "sdpa"
-    layer = GemmaDecoderLayer(cfg, 0).eval()
-    sd = {"input_layernorm.weight": w.input_layernorm.weight,
-          "post_attention_layernorm.weight": w.post_attention_layernorm.weight}
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        sd[f"self_attn.{name}.weight"] = getattr(w, name).weight
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        sd[f"mlp.{name}.weight"] = getattr(w, name).weight
-    layer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
-    return layer, GemmaRotaryEmbedding(cfg)
-
-
-def rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
+    """Each op on one layer's real shapes, numpy vs every available backend."""
+    rng = np.random.default_rng(2)
+    x266 = rng.standard_normal((266, 2048), dtype=np.float32)
+    x1 = x266[:1].copy()
+    w_up = rng.standard_normal((16384, 2048), dtype=np.float32) * np.float32(0.02)
+    w_up16 = f32_to_bf16(w_up)
+    q = rng.standard_normal((1, 266, 8, 256), dtype=np.float32)
+    kv = rng.standard_normal((1, 266, 1, 256), dtype=np.float32)
+    mask = np.ones((1, 266, 266), bool)
+    cases = [
+        ("linear 266x2048 @ 2048x16384 (fp32 W)", "linear", (x266, w_up)),
+        ("linear 266x2048 @ 2048x16384 (bf16 W)", "linear", (x266, w_up16)),
+        ("linear 1x2048 @ 2048x16384 (fp32 W)", "linear", (x1, w_up)),
+        ("linear 1x2048 @ 2048x16384 (bf16 W)", "linear", (x1, w_up16)),
+        ("attention prefill 266x266, 8 heads, MQA", "attention", (q, kv, kv, mask, 1 / 16, None)),
+        ("attention decode 1x266, 8 heads, MQA", "attention", (q[:, -1:], kv, kv, mask[:, -1:], 1 / 16, None)),
+        ("rms_norm 266x2048", "rms_norm", (x266, x266[0], 1e-6)),
+        ("geglu 266x16384", "geglu", (np.resize(x266, (266, 16384)), np.resize(x266, (266, 16384)))),
+    ]
+    rows = []
+    for name, op, args in cases:
+        times = {}
+        for be in ("numpy", "cpp"):
+            if be in backend.OPS[op] and be not in backend.UNAVAILABLE:
+                fn = backend.OPS[op][be]
+                fn(*args)
+                times[be] = best_of(lambda: fn(*args), repeat)
+        rows.append((name, times))
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported")
-    ap.add_argument("--no-torch", action="store_true", help="time refpg only")
+    ap.add_argument("--vision-layers", type=int, default=27, help="SigLIP layers (27 in the real model)")
+    ap.add_argument("--text-layers", type=int, default=18, help="Gemma layers (18 in the real model)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--decode-steps", type=int, default=5)
+    ap.add_argument("--no-torch", action="store_true", help="skip transformers")
+    ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy reference end to end")
+    ap.add_argument("--skip-ops", action="store_true", help="skip the per-op table")
     args = ap.parse_args(argv)
-    rng = np.random.default_rng(0)
-    rows = []
 
-    # ---- vision layer ----
-    vw = vision_layer_weights(rng, VISION_3B)
-    x = rand(rng, 1, VISION_3B.num_patches, VISION_3B.hidden_size)
-    out_np = vision.encoder_layer(x, vw, VISION_3B, 0)
-    t_np = best_of(lambda: vision.encoder_layer(x, vw, VISION_3B, 0), args.repeat)
-    t_pt = err = None
+    print(f"{os.cpu_count()} CPUs; numpy {np.__version__}; refpg._C: "
+          f"{'threads ' + str(backend._C.num_threads()) if backend._C else 'not built'}")
+    if not args.skip_ops:
+        print("\nper op (one layer's shapes), best of", args.repeat)
+        print(f"{'':44s} {'numpy':>10s} {'cpp':>10s} {'speedup':>8s}")
+        for name, t in time_ops(args.repeat):
+            cpp = t.get("cpp")
+            print(f"{name:44s} {t['numpy'] * 1e3:8.2f}ms "
+                  + (f"{cpp * 1e3:8.2f}ms {t['numpy'] / cpp:7.2f}x" if cpp else f"{'-':>10s}"))
+
+    cfg = config_3b(args.vision_layers, args.text_layers)
+    w32 = random_weights(cfg)
+    w16 = to_bf16(w32)
+    runs: dict[str, dict[str, float]] = {}
+    have_cpp = backend.available("cpp") == list(backend.OP_NAMES)
+    if not args.no_numpy:
+        runs["refpg numpy"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("numpy")), cfg, args.repeat, args.decode_steps)
+    if have_cpp:
+        runs["refpg cpp fp32"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
+        runs["refpg cpp bf16"] = time_refpg(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
     if not args.no_torch:
-        import torch
+        try:
+            import torch  # noqa: F401
+            runs["torch fp32"] = time_torch(w32, cfg, "float32", args.repeat, args.decode_steps)
+            runs["torch bf16"] = time_torch(w32, cfg, "bfloat16", args.repeat, args.decode_steps)
+        except ImportError:
+            print("(transformers/torch not installed: skipped)")
 
-        tl = torch_vision_layer(vw, VISION_3B)
-        xt = torch.from_numpy(x)
-        with torch.no_grad():
-            run = lambda: tl(xt, None)  # noqa: E731
-            out = run()
-            out_pt = (out[0] if isinstance(out, tuple) else out).numpy()
-            t_pt = best_of(run, args.repeat)
-        err = rel(out_np, out_pt)
-    rows.append(("vision layer (256 tokens)", t_np, t_pt, err))
+    print(f"\nend to end, PaliGemma-3B-224 shapes with {args.vision_layers}/27 vision and {args.text_layers}/18 "
+          f"text layers (full LM head), {PROMPT_TOKENS} prompt tokens, best of {args.repeat}")
+    names = list(runs)
+    print(f"{'':28s}" + "".join(f"{n:>16s}" for n in names))
+    for stage in ("image encode", "prefill (image + prompt)", "decode, per token"):
+        print(f"{stage:28s}" + "".join(f"{runs[n][stage] * 1e3:13.1f} ms" for n in names))
+    for base in ("refpg numpy", "torch bf16"):
+        if base in runs:
+            for n in names:
+                if n != base:
+                    print(f"  {n} vs {base}: " + ", ".join(
+                        f"{s.split(',')[0].split(' (')[0]} {runs[base][s] / runs[n][s]:.2f}x" for s in runs[n]))
 
-    # ---- decoder layer: prefill and one decode step ----
-    tw = text_layer_weights(rng, TEXT_3B)
-    h = rand(rng, 1, PREFIX, TEXT_3B.hidden_size)
-    h1 = rand(rng, 1, 1, TEXT_3B.hidden_size)
-
-    def np_layer(cache, xs):
-        T = xs.shape[1]
-        start = cache.length
-        valid, prefix = np.ones((1, T), bool), np.full((1, T), start == 0)
-        positions = cache.reserve(valid, prefix)
-        cos, sin = gemma.ops.rope_cos_sin(positions, TEXT_3B.head_dim, TEXT_3B.rope_theta)
-        mask = gemma.prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T)
-        y = gemma.decoder_layer(xs, tw, TEXT_3B, cos, sin, mask, cache, 0)
-        cache.commit(T)
-        return y
-
-    one_layer = TextConfig(**{**TEXT_3B.__dict__, "num_hidden_layers": 1})
-
-    def np_prefill():
-        return np_layer(gemma.KVCache(one_layer, 1, PREFIX + 1), h)
-
-    def np_decode_setup():
-        cache = gemma.KVCache(one_layer, 1, PREFIX + 1)
-        np_layer(cache, h)
-        return cache
-
-    pre_np = np_prefill()
-    t_pre_np = best_of(np_prefill, args.repeat)
-    caches = [np_decode_setup() for _ in range(args.repeat)]
-    dec_np = np_layer(np_decode_setup(), h1)
-    t_dec_np = best_of(lambda: np_layer(caches.pop(), h1), args.repeat)
-    t_pre_pt = t_dec_pt = e_pre = e_dec = None
-    if not args.no_torch:
-        import torch
-        from transformers import DynamicCache
-
-        layer, rot = torch_text_layer(tw, TEXT_3B)
-        cfg = layer.self_attn.config
-        ht, h1t = torch.from_numpy(h), torch.from_numpy(h1)
-        pos = torch.arange(1, PREFIX + 1)[None]
-        pos1 = torch.tensor([[PREFIX + 1]])
-        with torch.no_grad():
-            bidirectional = torch.zeros(1, 1, PREFIX, PREFIX)  # the whole prefill is prefix
-
-            def pt_prefill(cache=None):
-                return layer(ht, attention_mask=bidirectional, position_ids=pos, cache=cache,
-                             position_embeddings=rot(ht, pos))
-
-            def pt_setup():
-                cache = DynamicCache(config=cfg)
-                pt_prefill(cache)
-                return cache
-
-            def pt_decode(cache):
-                return layer(h1t, attention_mask=None, position_ids=pos1, cache=cache,
-                             position_embeddings=rot(h1t, pos1))
-
-            out = pt_prefill()
-            e_pre = rel(pre_np, (out[0] if isinstance(out, tuple) else out).numpy())
-            t_pre_pt = best_of(pt_prefill, args.repeat)
-            out = pt_decode(pt_setup())
-            e_dec = rel(dec_np, (out[0] if isinstance(out, tuple) else out).numpy())
-            pt_caches = [pt_setup() for _ in range(args.repeat)]
-            t_dec_pt = best_of(lambda: pt_decode(pt_caches.pop()), args.repeat)
-    rows.append((f"decoder layer prefill ({PREFIX} tokens, bidirectional)", t_pre_np, t_pre_pt, e_pre))
-    rows.append((f"decoder layer decode (1 token, {PREFIX} cached)", t_dec_np, t_dec_pt, e_dec))
-
-    print(f"PaliGemma-3B-224 shapes, random fp32 weights, best of {args.repeat}; "
-          f"{os.cpu_count()} CPUs; numpy {np.__version__}")
-    print(f"{'':52s} {'refpg numpy':>12s} {'transformers':>13s} {'ratio':>7s} {'rel diff':>9s}")
-    for name, a, b, e in rows:
-        bt = f"{b * 1000:10.1f} ms" if b is not None else f"{'-':>13s}"
-        ratio = f"{a / b:6.2f}x" if b is not None else f"{'-':>7s}"
-        es = f"{e:9.1e}" if e is not None else f"{'-':>9s}"
-        print(f"{name:52s} {a * 1000:9.1f} ms {bt} {ratio} {es}")
-    print("ratio = refpg time / transformers time (lower is faster for refpg)")
+    bw = read_bandwidth()
+    print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")
+    for n, w in (("refpg cpp fp32", w32), ("refpg cpp bf16", w16), ("torch fp32", w32), ("torch bf16", w16),
+                 ("refpg numpy", w32)):
+        if n in runs:
+            nbytes = weight_bytes_per_token(w)
+            floor = nbytes / bw
+            print(f"  {n:16s} reads {nbytes / 1e9:.2f} GB/token: roofline {floor * 1e3:.1f} ms, measured "
+                  f"{runs[n]['decode, per token'] * 1e3:.1f} ms = {floor / runs[n]['decode, per token'] * 100:.0f}% of roofline")
 
 
 if __name__ == "__main__":

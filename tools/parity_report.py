@@ -18,7 +18,6 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from make_tiny_checkpoint import VARIANTS, make_tiny_checkpoint  # noqa: E402
 from refpg.model import PaliGemma  # noqa: E402
