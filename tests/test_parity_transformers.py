@@ -99,3 +99,21 @@ def test_greedy_tokens_match_transformers_generate(variant, case):
     assert ref[f"{case}/greedy_margin"].min() > 1e-3
     tokens = model.generate(inputs, max_new_tokens=ref[f"{case}/greedy"].shape[1])
     np.testing.assert_array_equal(tokens, ref[f"{case}/greedy"])
+
+
+def test_gemma2_window_and_softcaps_matter_in_the_paligemma2_checkpoint(tiny_checkpoints):
+    """The gemma2 variant would not catch a missing sliding window or soft-cap if they changed
+    nothing on it: dropping each must move the logits well past the tolerance."""
+    import dataclasses
+
+    path = tiny_checkpoints["gemma2-bf16"]
+    ref = load_reference(path)
+    inputs = case_inputs(ref, "suffix")
+    assert inputs["input_ids"].shape[1] > 2 * 8, "the sequence must be longer than the window"
+    model = PaliGemma.from_pretrained(path)
+    text = model.config.text
+    assert text.model_type == "gemma2" and text.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+    for change in (dict(sliding_window=None), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None)):
+        broken = PaliGemma(dataclasses.replace(model.config, text=dataclasses.replace(text, **change)), model.weights)
+        logits = broken(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"])
+        assert rel_err(logits, ref["suffix/logits"]) > 100 * LOGITS_TOL, f"{change} changed nothing"

@@ -35,6 +35,9 @@ VARIANTS = {
     # GQA (2 kv heads), float16 shards, the names transformers 5's save_pretrained writes
     # (`vision_tower.*` without `vision_model.`), rope_theta nested in rope_parameters
     "f16-gqa-sharded": dict(dtype="float16", naming="tf5-save", shards=2, kv_heads=2, rope_parameters=True),
+    # PaliGemma 2: Gemma 2 decoder (sandwich norms, soft-capping, sliding window 8 < prompt length on
+    # layers 0 and 2), query_pre_attn_scalar left to its default; small caps so capping matters
+    "gemma2-bf16": dict(dtype="bfloat16", naming="hub", shards=1, kv_heads=2, gemma2=True),
 }
 
 PROMPTS = ["caption en", "answer en what is the colour of the 12 boxes?"]
@@ -51,6 +54,9 @@ def sparse_config(sp_vocab: int, v: dict) -> dict:
     }
     if v.get("rope_parameters"):
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    if v.get("gemma2"):
+        text.update(model_type="gemma2", sliding_window=8, attn_logit_softcapping=0.5,
+                    final_logit_softcapping=2.0)
     vision = {
         "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 72,
         "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 8, "image_size": 32,
@@ -204,8 +210,12 @@ def record_activations(model, inputs: dict, position_ids) -> dict:
         acts["text.embeddings"] = x.detach().float().numpy().copy()
     hooks.append(lm.layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
     for i, layer in enumerate(lm.layers):
-        add(layer.self_attn, f"text.{i}.attn_out")
-        add(layer.mlp, f"text.{i}.mlp_out")
+        if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 2: each branch ends in its own norm
+            add(layer.post_attention_layernorm, f"text.{i}.attn_out")
+            add(layer.post_feedforward_layernorm, f"text.{i}.mlp_out")
+        else:
+            add(layer.self_attn, f"text.{i}.attn_out")
+            add(layer.mlp, f"text.{i}.mlp_out")
         add(layer, f"text.{i}")
     add(lm.norm, "text.norm")
     try:
