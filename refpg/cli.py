@@ -48,6 +48,46 @@ def cmd_generate(args: argparse.Namespace) -> None:
     log(f"{n} tokens in {total:.2f} s (prefill + first token {first or 0:.2f} s{rest})")
 
 
+def cmd_dump(args: argparse.Namespace) -> None:
+    from refpg import diff
+    from refpg.model import PaliGemma
+    from refpg.processor import Processor
+
+    proc = Processor.from_pretrained(args.model)
+    model = PaliGemma.from_pretrained(args.model, backend=args.backend)
+    names = diff.dump(model, proc, args.image, args.prompt, args.out, args.decode)
+    log(f"wrote {len(names)} activations ({model.selection.describe()}) to {args.out}")
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    import json
+
+    from refpg import diff
+    from refpg.model import PaliGemma
+    from refpg.processor import Processor
+
+    proc = Processor.from_pretrained(args.model)
+    proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow loads
+    model_a = PaliGemma.from_pretrained(args.model, backend=args.a)
+    b_is_dump = args.b.endswith(".npz")
+    if b_is_dump:
+        if args.model_b:
+            raise InputError("--model-b and a dump as --b exclude each other")
+        result = diff.diff_runs(model_a, None, proc, args.image, args.prompt, args.decode, args.tol, dump_b=args.b)
+        b_desc = args.b
+    else:
+        model_b = PaliGemma.from_pretrained(args.model_b or args.model, backend=args.b)
+        result = diff.diff_runs(model_a, model_b, proc, args.image, args.prompt, args.decode, args.tol)
+        b_desc = f"{args.model_b or args.model} with {model_b.selection.describe()}"
+    print(f"A: {args.model} with {model_a.selection.describe()}\nB: {b_desc}\n")
+    print(diff.format_table(result, color=sys.stdout.isatty()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    if args.plot:
+        diff.plot(result, args.plot)
+
+
 def log(msg: str) -> None:
     sys.stderr.write(msg + "\n")
     sys.stderr.flush()
@@ -71,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true",
                    help="run the NumPy reference beside every other op and stop at the first disagreement")
     g.set_defaults(run=cmd_generate)
+
+    def run_args(p):
+        p.add_argument("--model", required=True, help="checkpoint directory")
+        p.add_argument("--image", required=True, help="image file")
+        p.add_argument("--prompt", required=True, help="task prompt")
+        p.add_argument("--decode", type=int, default=0, metavar="N", help="also capture N greedy decode steps")
+
+    d = sub.add_parser("dump", help="write every named activation of a run to an .npz")
+    run_args(d)
+    d.add_argument("--out", required=True, help="output .npz")
+    d.add_argument("--backend", default="numpy", help="backend selection (default numpy)")
+    d.set_defaults(run=cmd_dump)
+
+    x = sub.add_parser("diff", help="compare two runs activation by activation; show where they part ways")
+    run_args(x)
+    x.add_argument("--a", default="numpy", metavar="SPEC", help="run A's backend selection (default numpy)")
+    x.add_argument("--b", default="numpy", metavar="SPEC|DUMP.npz",
+                   help="run B: a backend selection (numpy, cpp, matmul=cpp,…) or an activation dump")
+    x.add_argument("--model-b", default=None, metavar="DIR", help="run B's checkpoint (default: --model)")
+    x.add_argument("--tol", type=float, default=1e-3, help="max rel error (max|b-a|/max|a|) allowed (default 1e-3)")
+    x.add_argument("--json", default=None, metavar="FILE", help="write one record per activation, in order")
+    x.add_argument("--plot", default=None, metavar="FILE.png", help="plot error per layer, log scale")
+    x.set_defaults(run=cmd_diff)
     return ap
 
 

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_oracle import hf_processor, record_activations  # noqa: E402
 from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 # name -> how the checkpoint is written
@@ -150,20 +151,6 @@ def check_transformers_reads(model_dir: str, model) -> None:
             raise RuntimeError(f"transformers read {name} from {model_dir} with other values")
 
 
-def hf_processor(model_dir: str):
-    """transformers' PaliGemmaProcessor for this directory, with the PIL image processor."""
-    from transformers import GemmaTokenizer, PaliGemmaProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    cfg = json.load(open(os.path.join(model_dir, "config.json")))
-    size = cfg["vision_config"]["image_size"]
-    n_tokens = (size // cfg["vision_config"]["patch_size"]) ** 2
-    image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
-    image_processor.image_seq_length = n_tokens
-    tokenizer = GemmaTokenizer.from_pretrained(model_dir)  # converts tokenizer.model
-    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
 def test_images(seed: int = 0):
     """Two small odd-sized images with structure (gradients + blocks), so resizing matters."""
     from PIL import Image
@@ -176,57 +163,6 @@ def test_images(seed: int = 0):
         img[: h // 2, : w // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
         images.append(Image.fromarray(img))
     return images
-
-
-def record_activations(model, inputs: dict, position_ids) -> dict:
-    """Run transformers' forward with hooks; return refpg-named activations (numpy float32)."""
-    import torch
-
-    acts: dict[str, np.ndarray] = {}
-    hooks = []
-    pg = model.model
-
-    def out_hook(name):
-        def hook(_module, _args, output):
-            t = output[0] if isinstance(output, tuple) else output
-            acts[name] = t.detach().float().numpy().copy()
-        return hook
-
-    def add(module, name):
-        hooks.append(module.register_forward_hook(out_hook(name)))
-
-    vm = pg.vision_tower
-    add(vm.embeddings, "vision.embeddings")
-    for i, layer in enumerate(vm.encoder.layers):
-        add(layer.self_attn, f"vision.{i}.attn_out")
-        add(layer.mlp, f"vision.{i}.mlp_out")
-        add(layer, f"vision.{i}")
-    add(vm.post_layernorm, "vision.post_layernorm")
-    add(pg.multi_modal_projector, "projector")
-    lm = pg.language_model
-
-    def embeddings_hook(_module, args, kwargs):
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        acts["text.embeddings"] = x.detach().float().numpy().copy()
-    hooks.append(lm.layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
-    for i, layer in enumerate(lm.layers):
-        if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 2: each branch ends in its own norm
-            add(layer.post_attention_layernorm, f"text.{i}.attn_out")
-            add(layer.post_feedforward_layernorm, f"text.{i}.mlp_out")
-        else:
-            add(layer.self_attn, f"text.{i}.attn_out")
-            add(layer.mlp, f"text.{i}.mlp_out")
-        add(layer, f"text.{i}")
-    add(lm.norm, "text.norm")
-    try:
-        with torch.no_grad():
-            out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()},
-                        position_ids=torch.from_numpy(position_ids))
-    finally:
-        for h in hooks:
-            h.remove()
-    acts["logits"] = out.logits.float().numpy()
-    return acts
 
 
 def positions_of(attention_mask: np.ndarray) -> np.ndarray:
