@@ -144,9 +144,11 @@ def text_config_from_dict(d: dict) -> TextConfig:
                  "num_attention_heads", "head_dim", "max_position_embeddings"):
         fields[name] = _get(d, name, defaults[name], int)
     fields["rms_norm_eps"] = _get(d, "rms_norm_eps", defaults["rms_norm_eps"], float)
-    # Gemma says hidden_act, Gemma 2 hidden_activation; legacy "gelu" means the tanh approximation.
-    act = d.get("hidden_activation") or d.get("hidden_act") or defaults["hidden_act"]
-    if act == "gelu":
+    # transformers' Gemma MLP reads hidden_act, Gemma 2's reads hidden_activation (each ignores the
+    # other). In a Gemma (1) config, legacy "gelu" means the tanh approximation (transformers maps
+    # it); in Gemma 2 it is the exact erf gelu, which refpg does not implement.
+    act = d.get("hidden_act" if model_type == "gemma" else "hidden_activation") or defaults["hidden_act"]
+    if act == "gelu" and model_type == "gemma":
         act = "gelu_pytorch_tanh"
     if act not in GELU_TANH_NAMES:
         raise ConfigError(f"text_config activation {act!r} is not supported (refpg implements {', '.join(GELU_TANH_NAMES)})")
@@ -181,11 +183,18 @@ def text_config_from_dict(d: dict) -> TextConfig:
     return cfg
 
 
+# What transformers' PaliGemmaConfig builds when a sub-config is absent altogether (PaliGemma-3B).
+_ABSENT_VISION = dict(intermediate_size=4096, hidden_size=1152, patch_size=14, image_size=224,
+                      num_hidden_layers=27, num_attention_heads=16)
+_ABSENT_TEXT = dict(hidden_size=2048, num_hidden_layers=18, intermediate_size=16384, num_attention_heads=8,
+                    num_key_value_heads=1, vocab_size=257152)
+
+
 def config_from_dict(d: dict) -> PaliGemmaConfig:
     if d.get("model_type", "paligemma") != "paligemma":
         raise ConfigError(f"model_type {d.get('model_type')!r} is not a PaliGemma model (expected 'paligemma')")
-    vision = vision_config_from_dict(d.get("vision_config") or {})
-    text = text_config_from_dict(d.get("text_config") or {})
+    vision = vision_config_from_dict(d["vision_config"] if d.get("vision_config") is not None else _ABSENT_VISION)
+    text = text_config_from_dict(d["text_config"] if d.get("text_config") is not None else _ABSENT_TEXT)
     text_defaults = d.get("text_config") or {}
     # Old configs keep ids at the top level; transformers reads them from text_config too.
     def token_id(name, default):

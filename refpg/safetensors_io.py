@@ -36,6 +36,10 @@ _DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class SafetensorsFile:
     """One .safetensors file: its validated header and lazily memory-mapped tensors."""
 
@@ -66,9 +70,13 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
-                dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            # JSON allows floats, strings, booleans and negatives here; the format allows none of them
+            if not all(_is_count(v) for v in (*shape, begin, end)):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} "
+                                      f"(shape and data_offsets must be non-negative integers)")
             if dtype not in _DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
