@@ -8,7 +8,8 @@ with refpg (tools/transformers_dump.py writes one from transformers):
 - one float32 array per activation, named `<phase>/<activation>`, in forward order; phase is
   `prefill` or `decode.<k>` (k = 0, 1, …), activation one of refpg's names (`vision.embeddings`,
   `vision.<i>.attn_out`, `vision.<i>.mlp_out`, `vision.<i>`, `vision.post_layernorm`, `projector`,
-  `text.embeddings`, `text.<i>.attn_out`, `text.<i>.mlp_out`, `text.<i>`, `text.norm`, `logits`),
+  `text.embeddings`, `text.<i>.attn_out`, (Gemma 2: `text.<i>.post_attn_norm`), `text.<i>.mlp_out`,
+  (Gemma 2: `text.<i>.post_ff_norm`), `text.<i>`, `text.norm`, `logits`),
   each with its batch dimension first ([1, T, D]; logits [1, T, V]);
 - `meta.json`: a JSON string {"format": "refpg-activations/1", "prompt", "input_ids", "tokens"}
   where `tokens` are the ids fed to the decode steps (the run's own greedy choices).

@@ -102,16 +102,15 @@ def decoder_layer(x: np.ndarray, layer: TextLayer, cfg: TextConfig, cos: np.ndar
                   mask: np.ndarray, cache: KVCache, i: int) -> np.ndarray:
     """Gemma: x + attn(norm(x)); x + mlp(norm(x)). Gemma 2 also norms each branch's output."""
     eps = cfg.rms_norm_eps
-    attn_out = self_attention(ops.rms_norm(x, layer.input_layernorm.weight, eps), layer, cfg, cos, sin, mask, cache, i)
+    h = ops.rms_norm(x, layer.input_layernorm.weight, eps)
+    attn_out = tap(f"text.{i}.attn_out", self_attention(h, layer, cfg, cos, sin, mask, cache, i))
     if layer.post_feedforward_layernorm is not None:  # Gemma 2 sandwich norms
-        attn_out = ops.rms_norm(attn_out, layer.post_attention_layernorm.weight, eps)
-        x = x + tap(f"text.{i}.attn_out", attn_out)
-        mlp_out = mlp(ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps), layer)
-        mlp_out = ops.rms_norm(mlp_out, layer.post_feedforward_layernorm.weight, eps)
-    else:
-        x = x + tap(f"text.{i}.attn_out", attn_out)
-        mlp_out = mlp(ops.rms_norm(x, layer.post_attention_layernorm.weight, eps), layer)
-    return x + tap(f"text.{i}.mlp_out", mlp_out)
+        x = x + tap(f"text.{i}.post_attn_norm", ops.rms_norm(attn_out, layer.post_attention_layernorm.weight, eps))
+        mlp_out = tap(f"text.{i}.mlp_out", mlp(ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps), layer))
+        return x + tap(f"text.{i}.post_ff_norm", ops.rms_norm(mlp_out, layer.post_feedforward_layernorm.weight, eps))
+    x = x + attn_out
+    mlp_out = tap(f"text.{i}.mlp_out", mlp(ops.rms_norm(x, layer.post_attention_layernorm.weight, eps), layer))
+    return x + mlp_out
 
 
 def decoder(x: np.ndarray, valid: np.ndarray, prefix: np.ndarray, w: TextWeights, cfg: TextConfig,

@@ -52,7 +52,7 @@ def test_every_activation_matches_transformers_layer_by_layer(variant):
 def test_prefill_logits_match_transformers(variant):
     name, model, ref = variant
     inputs = case_inputs(ref, "single")
-    cache = model.new_cache(batch_size=1, max_len=64)
+    cache = model.new_cache(batch_size=1, max_len=inputs["input_ids"].shape[1])
     logits = model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
                    attention_mask=inputs["attention_mask"], cache=cache)
     assert logits.shape == ref["single/logits"].shape

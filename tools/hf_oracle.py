@@ -57,12 +57,12 @@ def hooked(model, on_activation: Callable[[str, np.ndarray], None]) -> Iterator[
         lambda _m, args, kwargs: report("text.embeddings", kwargs.get("hidden_states", args[0] if args else None)),
         with_kwargs=True))
     for i, layer in enumerate(lm.layers):
+        add(layer.self_attn, f"text.{i}.attn_out")
         if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 2: each branch ends in its own norm
-            add(layer.post_attention_layernorm, f"text.{i}.attn_out")
-            add(layer.post_feedforward_layernorm, f"text.{i}.mlp_out")
-        else:
-            add(layer.self_attn, f"text.{i}.attn_out")
-            add(layer.mlp, f"text.{i}.mlp_out")
+            add(layer.post_attention_layernorm, f"text.{i}.post_attn_norm")
+        add(layer.mlp, f"text.{i}.mlp_out")
+        if hasattr(layer, "post_feedforward_layernorm"):
+            add(layer.post_feedforward_layernorm, f"text.{i}.post_ff_norm")
         add(layer, f"text.{i}")
     add(lm.norm, "text.norm")
     try:

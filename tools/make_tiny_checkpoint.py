@@ -39,6 +39,8 @@ VARIANTS = {
     # PaliGemma 2: Gemma 2 decoder (sandwich norms, soft-capping, sliding window 8 < prompt length on
     # layers 0 and 2), query_pre_attn_scalar left to its default; small caps so capping matters
     "gemma2-bf16": dict(dtype="bfloat16", naming="hub", shards=1, kv_heads=2, gemma2=True),
+    # the 448/896 checkpoints' shape: 4x the image tokens of the 224 one (64 here), same patch size
+    "f32-hires": dict(dtype="float32", naming="hub", shards=1, kv_heads=1, image_size=64),
 }
 
 PROMPTS = ["caption en", "answer en what is the colour of the 12 boxes?"]
@@ -48,10 +50,12 @@ GREEDY_TOKENS = 8
 
 def sparse_config(sp_vocab: int, v: dict) -> dict:
     """A config.json as published: only what differs from transformers' defaults."""
+    image_size = v.get("image_size", 32)
+    n_image = (image_size // 8) ** 2
     text = {
         "model_type": "gemma", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
         "num_hidden_layers": 3, "num_key_value_heads": v["kv_heads"], "head_dim": 16,
-        "num_image_tokens": 16, "vocab_size": sp_vocab + 64, "torch_dtype": v["dtype"],
+        "num_image_tokens": n_image, "vocab_size": sp_vocab + 64, "torch_dtype": v["dtype"],
     }
     if v.get("rope_parameters"):
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
@@ -60,8 +64,8 @@ def sparse_config(sp_vocab: int, v: dict) -> dict:
                     final_logit_softcapping=2.0)
     vision = {
         "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 72,
-        "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 8, "image_size": 32,
-        "num_image_tokens": 16, "projection_dim": 64, "vision_use_head": False,
+        "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 8, "image_size": image_size,
+        "num_image_tokens": n_image, "projection_dim": 64, "vision_use_head": False,
     }
     return {
         "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
