@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark refpg on the real PaliGemma-3B-224 shapes (random weights), side by side in one run.
+"""Benchmark refpg on real PaliGemma shapes (random weights), side by side in one run.
 
 Per op (the shapes one layer uses) and end to end — image encode, prefill of 256 image + 10 prompt
 tokens, per-token decode — for: refpg numpy, refpg cpp with fp32 weights, refpg cpp with bf16
@@ -9,7 +9,7 @@ its memory-bandwidth roofline: the bytes of weights one token reads ÷ the measu
 Fewer layers (`--vision-layers`, `--text-layers`) keep it to minutes; the LM head (257216 × 2048)
 is always whole. Times are the best of `--repeat` runs.
 
-    python tools/bench.py --text-layers 2 --vision-layers 2 --repeat 3
+    python tools/bench.py --shape pg1-224 --text-layers 2 --vision-layers 2 --repeat 3
 """
 
 from __future__ import annotations
@@ -31,12 +31,28 @@ from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, Vis
 PROMPT_TOKENS = 10
 
 
-def config_3b(vision_layers: int, text_layers: int) -> PaliGemmaConfig:
+SHAPES = {
+    # name: (image size, text decoder, full layer counts (vision, text))
+    "pg1-224": (224, dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1), 18),
+    "pg1-448": (448, dict(hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1), 18),
+    "pg2-224": (224, dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                          num_key_value_heads=4, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                          query_pre_attn_scalar=256, sliding_window=4096), 26),
+}
+
+
+def config_for(shape: str, vision_layers: int, text_layers: int) -> PaliGemmaConfig:
+    """Real PaliGemma shapes (SigLIP So400m/14 + Gemma 2B or Gemma 2 2B) with fewer layers."""
+    image_size, text, _ = SHAPES[shape]
     vision = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers,
-                          num_attention_heads=16, image_size=224, patch_size=14)
-    text = TextConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=text_layers,
-                      num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=257216)
-    return PaliGemmaConfig(vision=vision, text=text, image_token_index=257152, projection_dim=2048)
+                          num_attention_heads=16, image_size=image_size, patch_size=14)
+    layer_types = None
+    if text.get("model_type") == "gemma2":
+        layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers))
+    text_cfg = TextConfig(num_hidden_layers=text_layers, head_dim=256, vocab_size=257216, layer_types=layer_types,
+                          **text)
+    return PaliGemmaConfig(vision=vision, text=text_cfg, image_token_index=257152,
+                           projection_dim=text["hidden_size"])
 
 
 def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> Weights:
@@ -57,11 +73,13 @@ def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> Weights:
                 for _ in range(v.num_hidden_layers)],
         post_layernorm=Norm(1 + rand(D, scale=0.1), rand(D, scale=0.02)))
     H, hd = t.hidden_size, t.head_dim
+    sandwich = t.model_type == "gemma2"
     layers = [TextLayer(Norm(rand(H, scale=0.1)), lin(t.num_attention_heads * hd, H, False),
                         lin(t.num_key_value_heads * hd, H, False), lin(t.num_key_value_heads * hd, H, False),
                         lin(H, t.num_attention_heads * hd, False), Norm(rand(H, scale=0.1)),
                         lin(t.intermediate_size, H, False), lin(t.intermediate_size, H, False),
-                        lin(H, t.intermediate_size, False))
+                        lin(H, t.intermediate_size, False),
+                        Norm(rand(H, scale=0.1)) if sandwich else None, Norm(rand(H, scale=0.1)) if sandwich else None)
               for _ in range(t.num_hidden_layers)]
     embed = rand(t.vocab_size, H, scale=0.02)
     return Weights(vision=vision, projector=lin(H, D),
@@ -154,7 +172,7 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
         vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                            num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
                            patch_size=v.patch_size, image_size=v.image_size, vision_use_head=False),
-        text_config=dict(model_type="gemma", hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        text_config=dict(model_type=t.model_type, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                          num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                          num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, vocab_size=t.vocab_size),
         image_token_index=cfg.image_token_index, projection_dim=cfg.projection_dim, vocab_size=t.vocab_size)
@@ -182,6 +200,9 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
         p = f"{lm}layers.{i}."
         sd[p + "input_layernorm.weight"] = L.input_layernorm.weight
         sd[p + "post_attention_layernorm.weight"] = L.post_attention_layernorm.weight
+        if L.pre_feedforward_layernorm is not None:
+            sd[p + "pre_feedforward_layernorm.weight"] = L.pre_feedforward_layernorm.weight
+            sd[p + "post_feedforward_layernorm.weight"] = L.post_feedforward_layernorm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             sd[p + f"self_attn.{name}.weight"] = getattr(L, name).weight
         for name in ("gate_proj", "up_proj", "down_proj"):
@@ -247,8 +268,10 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="pg1-224", choices=sorted(SHAPES),
+                    help="PaliGemma 1 at 224 or 448 pixels, or PaliGemma 2 at 224 (default pg1-224)")
     ap.add_argument("--vision-layers", type=int, default=27, help="SigLIP layers (27 in the real model)")
-    ap.add_argument("--text-layers", type=int, default=18, help="Gemma layers (18 in the real model)")
+    ap.add_argument("--text-layers", type=int, default=None, help="decoder layers (default: all, 18 or 26)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true", help="skip transformers")
@@ -266,7 +289,9 @@ def main(argv=None) -> None:
             print(f"{name:44s} {t['numpy'] * 1e3:8.2f}ms "
                   + (f"{cpp * 1e3:8.2f}ms {t['numpy'] / cpp:7.2f}x" if cpp else f"{'-':>10s}"))
 
-    cfg = config_3b(args.vision_layers, args.text_layers)
+    full_text = SHAPES[args.shape][2]
+    args.text_layers = args.text_layers or full_text
+    cfg = config_for(args.shape, args.vision_layers, args.text_layers)
     w32 = random_weights(cfg)
     w16 = to_bf16(w32)
     runs: dict[str, dict[str, float]] = {}
@@ -284,8 +309,8 @@ def main(argv=None) -> None:
         except ImportError:
             print("(transformers/torch not installed: skipped)")
 
-    print(f"\nend to end, PaliGemma-3B-224 shapes with {args.vision_layers}/27 vision and {args.text_layers}/18 "
-          f"text layers (full LM head), {PROMPT_TOKENS} prompt tokens, best of {args.repeat}")
+    print(f"\nend to end, {args.shape} shapes with {args.vision_layers}/27 vision and {args.text_layers}/{full_text} "
+          f"text layers (full LM head), {cfg.num_image_tokens} image + {PROMPT_TOKENS} prompt tokens, best of {args.repeat}")
     names = list(runs)
     print(f"{'':28s}" + "".join(f"{n:>16s}" for n in names))
     for stage in ("image encode", "prefill (image + prompt)", "decode, per token"):
