@@ -111,3 +111,29 @@ def test_auto_prefers_the_native_backend_when_it_is_built():
     chosen = parse_spec("auto")
     expected = "numpy" if "cpp" in backend.UNAVAILABLE else "cpp"
     assert all(chosen[op] == expected for op in backend.available(expected))
+
+
+def test_reference_runs_when_the_native_extension_is_missing(tiny_checkpoints):
+    """refpg without refpg._C: auto falls back to numpy, and asking for cpp says why it cannot."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, numpy as np
+sys.modules["refpg._C"] = None  # as if the extension had never been built
+from refpg import PaliGemma, Processor, backend
+assert "cpp" in backend.UNAVAILABLE, backend.UNAVAILABLE
+path = {tiny_checkpoints["f32-hub-single"]!r}
+model = PaliGemma.from_pretrained(path)
+assert set(model.selection.backends.values()) == {{"numpy"}}
+proc = Processor.from_pretrained(path)
+print(proc.decode(model.generate(proc(images=[path + "/image0.png"], prompts=["caption en"]), max_new_tokens=3)[0]))
+try:
+    PaliGemma.from_pretrained(path, backend="cpp")
+except backend.BackendError as e:
+    print("refused:", e)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused: backend 'cpp' for linear is unavailable: the native extension refpg._C is not importable" \
+        in result.stdout
