@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     log(f"prompt: {n_prompt} tokens ({proc.num_image_tokens} image); backend {model.selection.describe()}; "
         f"loaded in {time.perf_counter() - t0:.1f} s; encoding image + prompt…")
     t1 = time.perf_counter()
-    text, n, first = proc.stream(), 0, None
+    text, n, first, answer = proc.stream(), 0, None, []
     for step in model.generate_stream(batch, args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         if first is None:
@@ -40,9 +40,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if int(step[0]) == proc.eos_token_id:
             break
         n += 1
+        answer.append(int(step[0]))
         sys.stdout.write(text.push(int(step[0])))  # whole characters only, as they complete
         sys.stdout.flush()
     sys.stdout.write(text.flush() + "\n")
+    if args.draw:
+        from refpg.detection import draw_detections, parse_detections
+        from refpg.processor import open_image
+
+        image = open_image(args.image)
+        boxes = parse_detections(proc.decode(answer), *image.size)
+        draw_detections(image, boxes, args.draw)
+        log(f"drew {len(boxes)} box(es) on {args.draw}")
     total = time.perf_counter() - t1
     rest = f", then {(total - first) / (n - 1) * 1000:.0f} ms/token" if first is not None and n > 1 else ""
     log(f"{n} tokens in {total:.2f} s (prefill + first token {first or 0:.2f} s{rest})")
@@ -105,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--draw", default=None, metavar="OUT.png",
+                   help="save the image with the detected boxes (<loc…> groups in the answer) drawn on it")
     g.add_argument("--backend", default=None,
                    help="numpy | cpp | auto | per op, e.g. matmul=cpp,attention=numpy "
                         "(default: $REFPG_BACKEND, else auto = the fastest available)")
