@@ -63,6 +63,8 @@ def _register_cpp() -> None:
 
 if _C is not None:
     _register_cpp()
+    if os.environ.get("REFPG_THREADS"):  # the kernels' thread count (default: the cores available)
+        _C.set_num_threads(int(os.environ["REFPG_THREADS"]))
 
 
 class BackendError(ValueError):

@@ -1,0 +1,40 @@
+// Fused masked multi-/grouped-query attention with the semantics of refpg.ops.attention:
+//   for each batch row b, query token t and head h (kv head h / (H / KV)), over keys s < S:
+//     score[s] = softcap((q[b,t,h] · k[b,s,kv]) · scale), or the most negative float where
+//                mask[b,t,s] is false (a query that sees no key then averages all of v, never NaN)
+//     out[b,t,h] = Σ_s softmax(score)[s] · v[b,s,kv]
+// Work unit: a tile of up to 4 query rows that share a kv head — the heads of one GQA group for a
+// token, or consecutive tokens when each head has its own kv head — so every key and value row
+// loaded serves the whole tile. Per tile: scores [rows, S] into per-thread scratch (AVX2 dot
+// products over hd, several keys per step, register-blocked), then per row soft-cap, mask and a
+// stable softmax (activations.h), then out = p · v, 16 value rows at a time in register-blocked
+// slices of hd. Key and value rows are prefetched one step ahead (the cache rows of a long
+// decode are far apart). Tiles run in parallel over batch × kv heads × tiles; tiles shrink below
+// 4 rows when that is needed to give every thread work (decode: heads × batch). S is not split
+// across threads. The AVX2+FMA path is chosen by the caller (`avx2`, run-time detection); the
+// portable path does the same in plain C++, accumulating in float32 like the AVX2 path.
+// Arguments are validated in csrc/bindings.cpp; this function trusts them.
+#pragma once
+#include <cstdint>
+
+namespace refpg {
+
+struct AttentionArgs {
+  const float* q;        // [B, T, H, hd], (H, hd) packed; element strides of b and t:
+  int64_t q_b, q_t;
+  const float* k;        // [B, S, KV, hd], (KV, hd) packed — e.g. a view into a longer KV cache
+  int64_t k_b, k_s;
+  const float* v;        // [B, S, KV, hd], like k
+  int64_t v_b, v_s;
+  const uint8_t* mask;   // [B, T, S] booleans (nonzero = may attend), s packed
+  int64_t m_b, m_t;
+  float* out;            // [B, T, H, hd] contiguous, not overlapping the inputs
+  int64_t B, T, S, H, KV, hd;  // S >= 1, KV >= 1, H a multiple of KV
+  float scale;
+  float softcap;         // 0: no soft-cap
+};
+
+// Runs on the threadpool; call without the GIL.
+void attention(const AttentionArgs& args, bool avx2);
+
+}  // namespace refpg
