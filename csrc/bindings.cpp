@@ -48,7 +48,7 @@ PYBIND11_MODULE(_C, m) {
         };
         const py::array x = array(x_arg, "x"), weight = array(weight_arg, "weight");
         const auto xs = check_array(op, "x", x, {DType::F32}, {-1, -1});
-        if (x.size() > 0) check_inner_contiguous(op, "x", x, 1);  // numpy gives empty arrays zero strides
+        check_inner_contiguous(op, "x", x, 1);
         const int64_t M = xs[0], K = xs[1];
         const int64_t N = check_array(op, "weight", weight, {DType::F32, DType::BF16}, {-1, K})[0];
         check_contiguous(op, "weight", weight);
@@ -65,7 +65,7 @@ PYBIND11_MODULE(_C, m) {
           out = array(out_arg, "out");
           check_array(op, "out", out, {DType::F32}, {M, N});
           check_writeable(op, "out", out);
-          if (out.size() > 0) check_inner_contiguous(op, "out", out, 1);
+          check_inner_contiguous(op, "out", out, 1);
           if (M > 1 && elem_stride(out, 0) < N) fail(op, "out has overlapping rows");
           const py::object shares = py::module_::import("numpy").attr("may_share_memory");
           for (const auto& [name, in] : {std::pair{"x", &x}, {"weight", &weight}, {"bias", bias ? &*bias : nullptr}})

@@ -71,6 +71,7 @@ inline std::vector<int64_t> check_array(const std::string& op, const char* name,
 
 // Requires the last `inner` dimensions to be densely packed (C order); outer strides may be anything.
 inline void check_inner_contiguous(const std::string& op, const char* name, const py::array& a, int inner) {
+  if (a.size() == 0) return;  // numpy gives empty arrays zero strides; nothing will be read
   py::ssize_t expect = a.itemsize();
   for (py::ssize_t i = a.ndim() - 1; i >= a.ndim() - inner && i >= 0; --i) {
     if (a.shape(i) > 1 && a.strides(i) != expect)

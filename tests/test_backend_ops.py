@@ -121,9 +121,17 @@ def backend_param(be):
     return be
 
 
-@pytest.mark.parametrize("be", [backend_param(b) for b in OTHER_BACKENDS])
+# cpp runs twice: with the best SIMD path of this CPU, and forced to the portable scalar one.
+BACKEND_PATHS = [backend_param(b) for b in OTHER_BACKENDS] + [
+    pytest.param("cpp-scalar", marks=pytest.mark.skipif("cpp" in backend.UNAVAILABLE, reason="cpp not built"))]
+
+
+@pytest.mark.parametrize("be", BACKEND_PATHS)
 @pytest.mark.parametrize("op,case,build", CASES, ids=[f"{op}-{case}" for op, case, _ in CASES])
-def test_op_matches_numpy_reference(be, op, case, build):
+def test_op_matches_numpy_reference(be, op, case, build, monkeypatch):
+    if be == "cpp-scalar":
+        monkeypatch.setenv("REFPG_SIMD", "scalar")
+        be = "cpp"
     if be not in backend.OPS[op]:
         pytest.skip(f"{be} has no {op} kernel")
     args = build()
@@ -133,6 +141,50 @@ def test_op_matches_numpy_reference(be, op, case, build):
     assert (np.isfinite(out) == np.isfinite(ref)).all(), "NaN/Inf where the reference has none (or the reverse)"
     err = backend.nmse(out, ref)
     assert err <= backend.TOLERANCE[op], f"{op} {case} on {be}: NMSE {err:.2e} > {backend.TOLERANCE[op]:.0e}"
+
+
+needs_cpp = pytest.mark.skipif("cpp" in backend.UNAVAILABLE, reason=backend.UNAVAILABLE.get("cpp", ""))
+
+
+@needs_cpp
+def test_linear_writes_only_inside_out():
+    """Guard bands: a view into a larger buffer; every element around it must stay untouched."""
+    from refpg import _C
+
+    x, w, b = randn(7, 33), randn(19, 33), randn(19)
+    buf = np.full((7 + 4, 19 + 6), 12345.0, F32)
+    out = buf[2:9, 3:22]
+    result = _C.linear(x, w, b, out=out)
+    assert np.shares_memory(result, buf)
+    inside = np.zeros(buf.shape, bool)
+    inside[2:9, 3:22] = True
+    assert (buf[~inside] == 12345.0).all()
+    assert backend.nmse(out, x @ w.T + b) < 1e-12
+
+
+@needs_cpp
+@pytest.mark.parametrize("call,message", [
+    (lambda C: C.linear(randn(3, 4), randn(5, 6)), "linear: weight"),
+    (lambda C: C.linear(randn(3, 4).astype(np.float64), randn(5, 4)), "linear: x must be float32"),
+    (lambda C: C.linear(randn(4, 3).T, randn(5, 4)), "linear: x"),
+    (lambda C: C.linear(randn(3, 4), randn(5, 4), randn(4)), "linear: bias"),
+    (lambda C: C.linear(randn(3, 4), randn(5, 4), None, np.zeros((3, 5), F32)[:, ::-1]), "linear: out"),
+    (lambda C: C.rms_norm(randn(3, 4), randn(5), 1e-6), "rms_norm: weight"),
+    (lambda C: C.layer_norm(randn(3, 4), randn(4), randn(3), 1e-6), "layer_norm: bias"),
+    (lambda C: C.geglu(randn(3, 4), randn(3, 5)), "geglu"),
+    (lambda C: C.rope(randn(1, 2, 3, 4), randn(1, 2, 5), randn(1, 2, 5)), "rope"),
+    (lambda C: C.attention(randn(1, 2, 3, 8), randn(1, 5, 2, 8), randn(1, 5, 2, 8), np.ones((1, 2, 5), bool), 0.1),
+     "attention"),  # 3 heads over 2 kv heads
+    (lambda C: C.attention(randn(1, 2, 4, 8), randn(1, 5, 2, 8), randn(1, 5, 2, 8), np.ones((1, 2, 4), bool), 0.1),
+     "attention: mask"),
+    (lambda C: C.embedding(randn(10, 4), np.array([[3, 10]])), "embedding"),  # id out of range
+    (lambda C: C.embedding(randn(10, 4), np.array([[3, -1]])), "embedding"),
+])
+def test_bad_calls_raise_value_errors_before_touching_memory(call, message):
+    from refpg import _C
+
+    with pytest.raises(ValueError, match=message):
+        call(_C)
 
 
 def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
