@@ -16,6 +16,55 @@
 namespace py = pybind11;
 using namespace refpg;
 
+// Argument handling shared by the bindings (beyond csrc/check.h): turning Python objects into
+// validated arrays and numbers.
+struct Arg {
+  // `o` as a numpy array: ValueError when it is not one or is misaligned.
+  static py::array array(const std::string& op, const char* name, const py::object& o) {
+    if (!py::isinstance<py::array>(o))
+      fail(op, std::string(name) + " must be a numpy array, got " + std::string(py::str(py::type::handle_of(o))));
+    py::array a = py::reinterpret_borrow<py::array>(o);
+    if (!a.attr("flags").attr("aligned").cast<bool>()) fail(op, std::string(name) + " must be aligned");
+    return a;
+  }
+  // A C-contiguous array of any shape with at least `min_rank` dimensions.
+  static py::array dense(const std::string& op, const char* name, const py::object& o,
+                         std::initializer_list<DType> dtypes, int min_rank) {
+    const py::array a = array(op, name, o);
+    if (a.ndim() < min_rank)
+      fail(op, std::string(name) + " needs at least " + std::to_string(min_rank) + " dimension(s), got shape " +
+                   shape_str(a));
+    check_array(op, name, a, dtypes, std::vector<int64_t>(a.ndim(), -1));
+    check_contiguous(op, name, a);
+    return a;
+  }
+  // A contiguous float32 vector of n elements (a norm's weight or bias).
+  static py::array vec(const std::string& op, const char* name, const py::object& o, int64_t n) {
+    const py::array a = array(op, name, o);
+    check_array(op, name, a, {DType::F32}, {n});
+    check_contiguous(op, name, a);
+    return a;
+  }
+  static std::vector<py::ssize_t> shape(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+  static const float* f32(const py::array& a) { return static_cast<const float*>(a.data()); }
+  // A soft-cap: a finite, nonzero number.
+  static float cap(const std::string& op, const char* name, const py::object& o) {
+    double c = 0.0;
+    try {
+      c = o.cast<double>();
+    } catch (const py::cast_error&) {
+      fail(op, std::string(name) + " must be a number or None, got " + std::string(py::str(py::type::handle_of(o))));
+    }
+    if (!std::isfinite(c) || c == 0.0) fail(op, std::string(name) + " must be finite and nonzero");
+    return static_cast<float>(c);
+  }
+  // The AVX2+FMA kernels when this CPU has them and REFPG_SIMD does not ask for scalar.
+  static bool avx2() {
+    const CpuFeatures& f = cpu_features();
+    return f.avx2 && f.fma && simd_path() != SimdPath::Scalar;
+  }
+};
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "refpg native CPU kernels; each has a NumPy twin in refpg.ops";
   m.def("cpu_features", []() {
@@ -39,14 +88,7 @@ PYBIND11_MODULE(_C, m) {
       [](const py::object& x_arg, const py::object& weight_arg, const py::object& bias_arg,
          const py::object& out_arg) -> py::object {
         const std::string op = "linear";
-        auto array = [&](const py::object& o, const char* name) {
-          if (!py::isinstance<py::array>(o))
-            fail(op, std::string(name) + " must be a numpy array, got " + std::string(py::str(o.get_type())));
-          py::array a = py::reinterpret_borrow<py::array>(o);
-          if (!a.attr("flags").attr("aligned").cast<bool>()) fail(op, std::string(name) + " must be aligned");
-          return a;
-        };
-        const py::array x = array(x_arg, "x"), weight = array(weight_arg, "weight");
+        const py::array x = Arg::array(op, "x", x_arg), weight = Arg::array(op, "weight", weight_arg);
         const auto xs = check_array(op, "x", x, {DType::F32}, {-1, -1});
         check_inner_contiguous(op, "x", x, 1);
         const int64_t M = xs[0], K = xs[1];
@@ -54,7 +96,7 @@ PYBIND11_MODULE(_C, m) {
         check_contiguous(op, "weight", weight);
         std::optional<py::array> bias;
         if (!bias_arg.is_none()) {
-          bias = array(bias_arg, "bias");
+          bias = Arg::array(op, "bias", bias_arg);
           check_array(op, "bias", *bias, {DType::F32}, {N});
           check_contiguous(op, "bias", *bias);
         }
@@ -62,7 +104,7 @@ PYBIND11_MODULE(_C, m) {
         if (out_arg.is_none()) {
           out = py::array_t<float>(std::vector<py::ssize_t>{M, N});
         } else {
-          out = array(out_arg, "out");
+          out = Arg::array(op, "out", out_arg);
           check_array(op, "out", out, {DType::F32}, {M, N});
           check_writeable(op, "out", out);
           check_inner_contiguous(op, "out", out, 1);
@@ -86,54 +128,6 @@ PYBIND11_MODULE(_C, m) {
       "accumulation; writes into `out` when given. Twin of refpg.ops.linear.");
 
   // ---- norms, activations, rope, softmax, embedding --------------------------------------------
-  // Argument handling shared by this section and the next; a local struct, so the binding lambdas
-  // use it without captures.
-  struct Arg {
-    // `o` as a numpy array: ValueError when it is not one or is misaligned.
-    static py::array array(const std::string& op, const char* name, const py::object& o) {
-      if (!py::isinstance<py::array>(o))
-        fail(op, std::string(name) + " must be a numpy array, got " + std::string(py::str(py::type::handle_of(o))));
-      py::array a = py::reinterpret_borrow<py::array>(o);
-      if (!a.attr("flags").attr("aligned").cast<bool>()) fail(op, std::string(name) + " must be aligned");
-      return a;
-    }
-    // A C-contiguous array of any shape with at least `min_rank` dimensions.
-    static py::array dense(const std::string& op, const char* name, const py::object& o,
-                           std::initializer_list<DType> dtypes, int min_rank) {
-      const py::array a = array(op, name, o);
-      if (a.ndim() < min_rank)
-        fail(op, std::string(name) + " needs at least " + std::to_string(min_rank) + " dimension(s), got shape " +
-                     shape_str(a));
-      check_array(op, name, a, dtypes, std::vector<int64_t>(a.ndim(), -1));
-      check_contiguous(op, name, a);
-      return a;
-    }
-    // A contiguous float32 vector of n elements (a norm's weight or bias).
-    static py::array vec(const std::string& op, const char* name, const py::object& o, int64_t n) {
-      const py::array a = array(op, name, o);
-      check_array(op, name, a, {DType::F32}, {n});
-      check_contiguous(op, name, a);
-      return a;
-    }
-    static std::vector<py::ssize_t> shape(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
-    static const float* f32(const py::array& a) { return static_cast<const float*>(a.data()); }
-    // A soft-cap: a finite, nonzero number.
-    static float cap(const std::string& op, const char* name, const py::object& o) {
-      double c = 0.0;
-      try {
-        c = o.cast<double>();
-      } catch (const py::cast_error&) {
-        fail(op, std::string(name) + " must be a number or None, got " + std::string(py::str(py::type::handle_of(o))));
-      }
-      if (!std::isfinite(c) || c == 0.0) fail(op, std::string(name) + " must be finite and nonzero");
-      return static_cast<float>(c);
-    }
-    // The AVX2+FMA kernels when this CPU has them and REFPG_SIMD does not ask for scalar.
-    static bool avx2() {
-      const CpuFeatures& f = cpu_features();
-      return f.avx2 && f.fma && simd_path() != SimdPath::Scalar;
-    }
-  };
 
   m.def(
       "rms_norm",
