@@ -317,10 +317,9 @@ def main(argv=None) -> None:
         print(f"{stage:28s}" + "".join(f"{runs[n][stage] * 1e3:13.1f} ms" for n in names))
     for base in ("refpg numpy", "torch bf16"):
         if base in runs:
-            for n in names:
-                if n != base:
-                    print(f"  {n} vs {base}: " + ", ".join(
-                        f"{s.split(',')[0].split(' (')[0]} {runs[base][s] / runs[n][s]:.2f}x" for s in runs[n]))
+            print(f"speedup over {base:16s}" + "".join(
+                f"{' / '.join(f'{runs[base][st] / runs[n][st]:.2f}' for st in runs[n]):>16s}" for n in names))
+    print("(speedups: image encode / prefill / decode; > 1 is faster)")
 
     bw = read_bandwidth()
     print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")

@@ -13,29 +13,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 import numpy as np
 
-from refpg import gemma, vision  # noqa: E402
-from refpg.config import TextConfig, VisionConfig  # noqa: E402
-from refpg.weights import Linear, Norm, TextLayer, VisionLayer  # noqa: E402
+from bench import best_of
+from refpg import gemma, vision
+from refpg.config import TextConfig, VisionConfig
+from refpg.weights import Linear, Norm, TextLayer, VisionLayer
 
 VISION_3B = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          image_size=224, patch_size=14)
 TEXT_3B = TextConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
                      num_key_value_heads=1, head_dim=256, vocab_size=257216)
 PREFIX = 256 + 10
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def rand(rng, *shape, scale=1.0):
