@@ -98,7 +98,7 @@ def load(model_dir) -> Weights:
 
 def weights_by_hub(w: Weights) -> dict[str, np.ndarray]:
     """Where each hub tensor should have landed in the Weights dataclasses."""
-    v, t = CFG.vision, CFG.text
+    v = CFG.vision
     out = {
         VISION + "embeddings.patch_embedding.weight": w.vision.patch_embedding.weight.reshape(
             v.hidden_size, 3, v.patch_size, v.patch_size),

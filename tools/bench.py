@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from refpg import backend
-from refpg.backend import Selection, use
+from refpg.backend import Selection
 from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig
 from refpg.model import PaliGemma
 from refpg.ops import f32_to_bf16
@@ -230,7 +230,6 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
             cache = model(input_ids=token, cache=cache, position_ids=pos, use_cache=True).cache
             per_token.append(time.perf_counter() - t0)
         out["decode, per token"] = min(per_token)
-    del model
     return out
 
 

@@ -15,8 +15,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_oracle import hf_processor, hooked  # noqa: E402
 
