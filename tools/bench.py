@@ -17,16 +17,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 
-import numpy as np
+# --threads N must reach OpenBLAS (numpy), torch and refpg before they start their pools.
+if "--threads" in sys.argv:
+    _n = sys.argv[sys.argv.index("--threads") + 1]
+    os.environ.update(OPENBLAS_NUM_THREADS=_n, OMP_NUM_THREADS=_n, MKL_NUM_THREADS=_n, REFPG_THREADS=_n)
 
-from refpg import backend
-from refpg.backend import Selection
-from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig
-from refpg.model import PaliGemma
-from refpg.ops import f32_to_bf16
-from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, VisionWeights, Weights
+import numpy as np  # noqa: E402
+
+from refpg import backend  # noqa: E402
+from refpg.backend import Selection  # noqa: E402
+from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
+from refpg.model import PaliGemma  # noqa: E402
+from refpg.ops import f32_to_bf16  # noqa: E402
+from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, VisionWeights, Weights  # noqa: E402
 
 PROMPT_TOKENS = 10
 
@@ -167,6 +173,9 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
     import torch
     from transformers import PaliGemmaConfig as HFConfig, PaliGemmaForConditionalGeneration
 
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
     v, t = cfg.vision, cfg.text
     hf = HFConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
@@ -276,9 +285,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip transformers")
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy reference end to end")
     ap.add_argument("--skip-ops", action="store_true", help="skip the per-op table")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="compute threads for every library (OpenBLAS, torch, refpg); default: their own")
     args = ap.parse_args(argv)
 
-    print(f"{os.cpu_count()} CPUs; numpy {np.__version__}; refpg._C: "
+    print(f"{os.cpu_count()} CPUs, threads per library: {args.threads or 'default'}; numpy {np.__version__}; refpg._C: "
           f"{'threads ' + str(backend._C.num_threads()) if backend._C else 'not built'}")
     if not args.skip_ops:
         print("\nper op (one layer's shapes), best of", args.repeat)
@@ -311,13 +322,13 @@ def main(argv=None) -> None:
     print(f"\nend to end, {args.shape} shapes with {args.vision_layers}/27 vision and {args.text_layers}/{full_text} "
           f"text layers (full LM head), {cfg.num_image_tokens} image + {PROMPT_TOKENS} prompt tokens, best of {args.repeat}")
     names = list(runs)
-    print(f"{'':28s}" + "".join(f"{n:>16s}" for n in names))
+    print(f"{'':28s}" + "".join(f"{n:>20s}" for n in names))
     for stage in ("image encode", "prefill (image + prompt)", "decode, per token"):
-        print(f"{stage:28s}" + "".join(f"{runs[n][stage] * 1e3:13.1f} ms" for n in names))
+        print(f"{stage:28s}" + "".join(f"{runs[n][stage] * 1e3:17.1f} ms" for n in names))
     for base in ("refpg numpy", "torch bf16"):
         if base in runs:
-            print(f"speedup over {base:16s}" + "".join(
-                f"{' / '.join(f'{runs[base][st] / runs[n][st]:.2f}' for st in runs[n]):>16s}" for n in names))
+            print(f"speedup over {base:15s}" + "".join(
+                f"{' / '.join(f'{runs[base][st] / runs[n][st]:.2f}' for st in runs[n]):>20s}" for n in names))
     print("(speedups: image encode / prefill / decode; > 1 is faster)")
 
     bw = read_bandwidth()
