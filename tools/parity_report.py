@@ -5,7 +5,7 @@ Writes every variant of tools/make_tiny_checkpoint.py into a temporary directory
 the inputs transformers saw, and prints max |diff| / max |reference| for the worst intermediate
 activation, the prefill logits, the padded batch's logits, and the KV-cached suffix logits.
 
-    python tools/parity_report.py
+    python tools/parity_report.py [--backend cpp]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def report(model_dir: str) -> dict[str, float]:
+def report(model_dir: str, backend: str = "numpy") -> dict[str, float]:
     ref = dict(np.load(os.path.join(model_dir, "reference.npz")))
-    model = PaliGemma.from_pretrained(model_dir)
+    model = PaliGemma.from_pretrained(model_dir, backend=backend)
 
     def inputs(case):
         p = f"{case}/input/"
@@ -57,12 +57,13 @@ def report(model_dir: str) -> dict[str, float]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.parse_args(argv)
+    ap.add_argument("--backend", default="numpy", help="refpg backend selection (default numpy, the reference)")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(VARIANTS):
             d = make_tiny_checkpoint(os.path.join(tmp, name), name)
-            print(name)
-            for what, err in report(d).items():
+            print(f"{name} ({args.backend})")
+            for what, err in report(d, args.backend).items():
                 print(f"  {what:45s} {err:.1e}")
 
 
