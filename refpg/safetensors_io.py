@@ -102,7 +102,9 @@ class SafetensorsFile:
         dtype, shape, begin, end = self.entries[name]
         if begin == end:
             return np.zeros(shape, _DTYPES[dtype])
-        return np.memmap(self.path, dtype=_DTYPES[dtype], mode="r", offset=self.data_start + begin, shape=shape)
+        mapped = np.memmap(self.path, dtype=_DTYPES[dtype], mode="r", offset=self.data_start + begin, shape=shape)
+        # the format does not promise alignment; the native kernels require it, so copy the rare misfit
+        return mapped if mapped.flags.aligned else np.array(mapped)
 
     def float32(self, name: str) -> np.ndarray:
         """The tensor as float32; F32 stays a read-only memory map (no copy)."""
