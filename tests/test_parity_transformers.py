@@ -26,11 +26,18 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request, tiny_checkpoints):
     path = tiny_checkpoints[request.param]
-    return request.param, PaliGemma.from_pretrained(path), load_reference(path)
+    return request.param, PaliGemma.from_pretrained(path, backend="numpy"), load_reference(path)
 
 
-def test_every_activation_matches_transformers_layer_by_layer(variant):
+@pytest.mark.parametrize("backend_name", ["numpy", "cpp"])
+def test_every_activation_matches_transformers_layer_by_layer(variant, backend_name, tiny_checkpoints):
     name, model, ref = variant
+    if backend_name != "numpy":
+        from refpg import backend
+
+        if backend.available(backend_name) != list(backend.OP_NAMES):
+            pytest.skip(f"the {backend_name} backend is not built here")
+        model = PaliGemma.from_pretrained(tiny_checkpoints[name], backend=backend_name)
     inputs = case_inputs(ref, "single")
     with record() as acts:
         model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
@@ -45,7 +52,7 @@ def test_every_activation_matches_transformers_layer_by_layer(variant):
     assert sorted(acts) == expected, "refpg and the reference name different activations"
     for key in acts:
         err = rel_err(acts[key], ref[f"single/{key}"])
-        assert err <= LAYER_TOL, f"{name}: {key} differs from transformers by {err:.2e} (relative)"
+        assert err <= LAYER_TOL, f"{name} ({backend_name}): {key} differs from transformers by {err:.2e} (relative)"
         assert acts[key].dtype == np.float32, f"{key} is {acts[key].dtype}, the reference stays float32"
 
 
@@ -110,7 +117,7 @@ def test_gemma2_window_and_softcaps_matter_in_the_paligemma2_checkpoint(tiny_che
     ref = load_reference(path)
     inputs = case_inputs(ref, "suffix")
     assert inputs["input_ids"].shape[1] > 2 * 8, "the sequence must be longer than the window"
-    model = PaliGemma.from_pretrained(path)
+    model = PaliGemma.from_pretrained(path, backend="numpy")
     text = model.config.text
     assert text.model_type == "gemma2" and text.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
     for change in (dict(sliding_window=None), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None)):
