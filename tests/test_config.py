@@ -48,19 +48,21 @@ def write_config(tmp_path, content) -> str:
     return str(path)
 
 
+VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                 "image_size", "patch_size", "layer_norm_eps", "hidden_act")
+GEMMA2_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")
+
+
 def refpg_fields(cfg) -> dict:
     """Every field refpg fills, by name."""
     v, t = cfg.vision, cfg.text
-    fields = {f"vision.{k}": getattr(v, k) for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-        "image_size", "patch_size", "layer_norm_eps", "hidden_act")}
+    fields = {f"vision.{k}": getattr(v, k) for k in VISION_FIELDS}
     fields.update({f"text.{k}": getattr(t, k) for k in (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "hidden_act",
         "max_position_embeddings")})
     if t.model_type == "gemma2":
-        fields.update({f"text.{k}": getattr(t, k) for k in (
-            "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")})
+        fields.update({f"text.{k}": getattr(t, k) for k in GEMMA2_FIELDS})
         fields["text.layer_types"] = list(t.layer_types)
     fields.update(image_token_index=cfg.image_token_index, projection_dim=cfg.projection_dim,
                   num_image_tokens=cfg.num_image_tokens, pad_token_id=cfg.pad_token_id,
@@ -74,17 +76,14 @@ def transformers_fields(d: dict, model_type: str) -> dict:
     transformers = pytest.importorskip("transformers")
     hf = transformers.PaliGemmaConfig(**copy.deepcopy(d))
     v, t = hf.vision_config, hf.text_config
-    fields = {f"vision.{k}": getattr(v, k) for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-        "image_size", "patch_size", "layer_norm_eps", "hidden_act")}
+    fields = {f"vision.{k}": getattr(v, k) for k in VISION_FIELDS}
     fields.update({f"text.{k}": getattr(t, k) for k in (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")})
     fields["text.rope_theta"] = t.rope_parameters["rope_theta"]
     fields["text.hidden_act"] = t.hidden_activation if model_type == "gemma2" else t.hidden_act
     if model_type == "gemma2":
-        fields.update({f"text.{k}": getattr(t, k) for k in (
-            "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")})
+        fields.update({f"text.{k}": getattr(t, k) for k in GEMMA2_FIELDS})
         fields["text.layer_types"] = list(t.layer_types)
     fields.update(image_token_index=hf.image_token_index, projection_dim=hf.projection_dim,
                   num_image_tokens=t.num_image_tokens, pad_token_id=t.pad_token_id,
