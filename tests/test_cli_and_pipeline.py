@@ -114,7 +114,7 @@ def test_model_rejects_bad_inputs_with_clear_errors(tiny):
         model(np.array([[5]]), cache=cache)
 
 
-def test_readme_first_command_runs_on_the_shipped_tiny_checkpoint():
+def test_cli_runs_on_the_shipped_tiny_random_checkpoint():
     shipped = os.path.join(ROOT, "tests", "data", "tiny-random")
     result = run_cli("generate", "--model", shipped, "--image", os.path.join(shipped, "image0.png"),
                      "--prompt", "caption en")

@@ -1,0 +1,202 @@
+"""A synthetic visual world for the shipped demo model: coloured shapes on light backgrounds.
+
+`make_scene(rng)` draws a 64×64 RGB picture of one to three shapes (circle, square, triangle) in
+five distinct hues (red, green, blue, yellow, purple), three sizes (16, 24, 32 px), at most one
+of each (colour, shape) pair, on a light background (solid, gradient or mildly noisy, never a
+saturated colour). `tasks(scene)` lists the questions PaliGemma's prompt formats ask about it, each
+with its one canonical answer:
+
+    caption en                         -> "a red circle and a blue square"   (objects left to right)
+    detect red circle                  -> "<loc0128><loc0256><loc0512><loc0640> red circle"
+    answer en how many shapes          -> "one" | "two" | "three"
+    answer en what color is the square -> "blue"   (asked only of a shape kind present exactly once)
+
+Simplifications that make the world learnable by a model of a few million parameters:
+- every box edge lies on the 8-pixel grid of the vision tower's patches (so each detection
+  coordinate is one of 9 location tokens under refpg.detection's v/1024 convention, and a shape
+  covers whole patches: a 4-pixel grid proved too hard to learn in a 40-minute CPU training);
+- shapes keep at least one free patch (8 px) between their boxes, and their centres are at least
+  8 px apart horizontally, so "left to right" is never ambiguous.
+Shapes are drawn at 4× resolution and box-filtered down (anti-aliased edges); a box is the shape's
+bounding box in pixel-edge coordinates (x1 = x0 + width). Everything is a pure function of the
+generator passed in: `make_scene(np.random.default_rng(seed))` is the same picture on every machine.
+Depends on NumPy and Pillow only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+from refpg.detection import Box, format_detections
+
+SIZE = 64            # image side, pixels
+GRID = 8             # box edges are multiples of this (the vision tower's patch size)
+MARGIN = 0           # minimum distance from a box to the border
+GAP = 8              # minimum distance between two boxes
+MIN_DX = 8           # minimum horizontal distance between two shape centres
+SHAPE_SIZES = (16, 24, 32)
+SUPERSAMPLE = 4
+
+COLOURS = {  # distinct hues, all far from the light, unsaturated backgrounds
+    "red": (210, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 195, 20),
+    "purple": (135, 55, 175),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+# The prompts, in PaliGemma's formats.
+CAPTION = "caption en"
+COUNT = "answer en how many shapes"
+
+
+def detect_prompt(colour: str, shape: str) -> str:
+    return f"detect {colour} {shape}"
+
+
+def colour_prompt(shape: str) -> str:
+    return f"answer en what color is the {shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: PIL.Image.Image
+    objects: list[tuple[str, str, Box]]  # (colour, shape, box), left to right; box.label = "colour shape"
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def background(rng: np.random.Generator) -> np.ndarray:
+    """[S, S, 3] uint8: a light, nearly grey background — solid, a gradient, or mild noise."""
+    base = rng.uniform(200, 245) + rng.uniform(-10, 10, size=3)          # light, slightly tinted
+    kind = rng.integers(3)
+    if kind == 0:
+        img = np.broadcast_to(base, (SIZE, SIZE, 3))
+    elif kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5              # [-0.5, 0.5]
+        ramp = np.cos(angle) * xx + np.sin(angle) * yy                    # [S, S]
+        img = base + rng.uniform(10, 35) * ramp[..., None]
+    else:
+        img = base + rng.normal(0, 5, size=(SIZE, SIZE, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def shape_colour(name: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """The named colour with a little jitter, so the model learns hues, not exact values."""
+    rgb = np.clip(np.asarray(COLOURS[name]) + rng.integers(-15, 16, size=3), 0, 255)
+    return tuple(int(c) for c in rgb)
+
+
+def draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, box: Box, fill: tuple[int, int, int]) -> None:
+    """Fill `shape` so that its bounding box is exactly `box` (on the supersampled canvas)."""
+    k = SUPERSAMPLE
+    x0, y0, x1, y1 = box.x0 * k, box.y0 * k, box.x1 * k - 1, box.y1 * k - 1  # PIL's boxes include x1, y1
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    elif shape == "triangle":  # apex up, base along the bottom edge
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _fits(box: Box, others: list[Box]) -> bool:
+    cx = (box.x0 + box.x1) / 2
+    for o in others:
+        apart = (box.x1 + GAP <= o.x0 or o.x1 + GAP <= box.x0 or box.y1 + GAP <= o.y0 or o.y1 + GAP <= box.y0)
+        if not apart or abs(cx - (o.x0 + o.x1) / 2) < MIN_DX:
+            return False
+    return True
+
+
+def _place(rng: np.random.Generator, n: int) -> list[tuple[int, int, int]] | None:
+    """n non-overlapping grid-aligned squares (x0, y0, size), or None if this attempt got stuck."""
+    placed: list[Box] = []
+    out = []
+    for _ in range(n):
+        for _attempt in range(50):
+            size = int(rng.choice(SHAPE_SIZES))
+            cells = (SIZE - 2 * MARGIN - size) // GRID + 1
+            x0, y0 = (MARGIN + GRID * int(c) for c in rng.integers(cells, size=2))
+            box = Box("", y0, x0, y0 + size, x0 + size)
+            if _fits(box, placed):
+                placed.append(box)
+                out.append((x0, y0, size))
+                break
+        else:
+            return None
+    return out
+
+
+def make_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
+    """A random scene; `n_objects` (1–3) defaults to uniform over 1, 2, 3."""
+    n = int(rng.integers(1, 4)) if n_objects is None else n_objects
+    if not 1 <= n <= 3:
+        raise ValueError(f"a scene has 1 to 3 objects, not {n}")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    kinds = [pairs[i] for i in rng.choice(len(pairs), size=n, replace=False)]  # distinct (colour, shape)
+    places = None
+    while places is None:
+        places = _place(rng, n)
+
+    canvas = PIL.Image.fromarray(background(rng)).resize((SIZE * SUPERSAMPLE,) * 2, PIL.Image.Resampling.NEAREST)
+    draw = PIL.ImageDraw.Draw(canvas)
+    objects = []
+    for (colour, shape), (x0, y0, size) in zip(kinds, places):
+        box = Box(f"{colour} {shape}", float(y0), float(x0), float(y0 + size), float(x0 + size))
+        draw_shape(draw, shape, box, shape_colour(colour, rng))
+        objects.append((colour, shape, box))
+    image = canvas.resize((SIZE, SIZE), PIL.Image.Resampling.BOX)  # averages each 4×4 block: anti-aliased
+    objects.sort(key=lambda o: o[2].x0 + o[2].x1)                   # left to right
+    return Scene(image, objects)
+
+
+# ---------------------------------------------------------------- questions and answers
+
+
+def caption(scene: Scene) -> str:
+    """"a red circle", "a red circle and a blue square", "a red circle, a blue square and a …"."""
+    names = [f"a {colour} {shape}" for colour, shape, _ in scene.objects]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def tasks(scene: Scene) -> list[tuple[str, str]]:
+    """Every (prompt, answer) the demo model is trained on, for this scene."""
+    out = [(CAPTION, caption(scene)), (COUNT, NUMBERS[len(scene.objects)])]
+    for shape in SHAPES:
+        colours = [c for c, s, _ in scene.objects if s == shape]
+        if len(colours) == 1:
+            out.append((colour_prompt(shape), colours[0]))
+    for colour, shape, box in scene.objects:
+        out.append((detect_prompt(colour, shape), format_detections([box], SIZE, SIZE)))
+    return out
+
+
+def task_kind(prompt: str) -> str:
+    """"caption", "count", "colour" or "detect": which question a prompt asks."""
+    if prompt == CAPTION:
+        return "caption"
+    if prompt == COUNT:
+        return "count"
+    if prompt.startswith("answer en what color"):
+        return "colour"
+    if prompt.startswith("detect "):
+        return "detect"
+    raise ValueError(f"not a demo prompt: {prompt!r}")
+
+
+def scene_for_seed(seed: int) -> Scene:
+    """The scene of one integer seed (training, evaluation and the demo use disjoint seed ranges)."""
+    return make_scene(np.random.default_rng(seed))
