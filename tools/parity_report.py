@@ -5,7 +5,7 @@ Writes every variant of tools/make_tiny_checkpoint.py into a temporary directory
 the inputs transformers saw, and prints max |diff| / max |reference| for the worst intermediate
 activation, the prefill logits, the padded batch's logits, and the KV-cached suffix logits.
 
-    python tools/parity_report.py [--backend cpp]
+    python tools/parity_report.py [--backend cpp] [--weight-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def report(model_dir: str, backend: str = "numpy") -> dict[str, float]:
+def report(model_dir: str, backend: str = "numpy", weight_dtype: str = "auto") -> dict[str, float]:
     ref = dict(np.load(os.path.join(model_dir, "reference.npz")))
-    model = PaliGemma.from_pretrained(model_dir, backend=backend)
+    model = PaliGemma.from_pretrained(model_dir, backend=backend, weight_dtype=weight_dtype)
 
     def inputs(case):
         p = f"{case}/input/"
@@ -58,12 +58,14 @@ def report(model_dir: str, backend: str = "numpy") -> dict[str, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="numpy", help="refpg backend selection (default numpy, the reference)")
+    ap.add_argument("--weight-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="bfloat16 rounds f32/f16 checkpoints' matrices to bf16 (needs a non-numpy matmul to be fast)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(VARIANTS):
             d = make_tiny_checkpoint(os.path.join(tmp, name), name)
-            print(f"{name} ({args.backend})")
-            for what, err in report(d, args.backend).items():
+            print(f"{name} ({args.backend}, weights {args.weight_dtype})")
+            for what, err in report(d, args.backend, args.weight_dtype).items():
                 print(f"  {what:45s} {err:.1e}")
 
 
