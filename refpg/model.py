@@ -64,7 +64,8 @@ class PaliGemma:
         selection = Selection.from_spec(backend, check)
         config = load_config(path)
         if weight_dtype == "auto":
-            weight_dtype = "bfloat16" if selection.backends["linear"] != "numpy" and stores_bf16(path) else "float32"
+            # bf16 as stored only when matmul is native (NumPy would decode them on every call)
+            weight_dtype = "auto" if selection.backends["linear"] != "numpy" else "float32"
         return cls(config, load_weights(path, config, progress=progress, matrix_dtype=weight_dtype), selection)
 
     # ---- forward ----------------------------------------------------------------------------
@@ -182,16 +183,6 @@ class PaliGemma:
             if done.all():
                 return
             step_logits = self(token[:, None], token_type_ids=np.ones((B, 1), np.int64), cache=cache)[:, -1]
-
-
-def stores_bf16(path: str) -> bool:
-    """Whether the checkpoint's embedding matrix is stored as BF16 (published PaliGemmas are)."""
-    from refpg.weights import TEXT, hub_name, open_checkpoint
-
-    for name, f in open_checkpoint(path).items():
-        if hub_name(name) == TEXT + "embed_tokens.weight":
-            return f.dtype(name) == "BF16"
-    return False
 
 
 def print_progress(label: str) -> Callable[[int, int], None]:

@@ -202,10 +202,14 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
     """Read and check every weight. Norms, biases and position embeddings become float32; the
     matrices (linear weights, embeddings) become `matrix_dtype`: "float32", or "bfloat16" (kept
     as bf16 bits in uint16 for the native kernels: BF16 tensors are then used as stored, without
-    a copy). F32 tensors read as float32 stay memory-mapped."""
-    if matrix_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"matrix_dtype must be float32 or bfloat16, got {matrix_dtype!r}")
+    a copy), or "auto": bfloat16 when the checkpoint stores its embeddings as BF16. F32 tensors
+    read as float32 stay memory-mapped."""
+    if matrix_dtype not in ("float32", "bfloat16", "auto"):
+        raise ValueError(f"matrix_dtype must be float32, bfloat16 or auto, got {matrix_dtype!r}")
     stored = open_checkpoint(model_dir)
+    if matrix_dtype == "auto":  # keep a BF16 checkpoint's matrices as stored; otherwise float32
+        embed = next((n for n in stored if hub_name(n) == TEXT + "embed_tokens.weight"), None)
+        matrix_dtype = "bfloat16" if embed is not None and stored[embed].dtype(embed) == "BF16" else "float32"
     by_hub: dict[str, tuple[str, SafetensorsFile]] = {}
     for name, f in stored.items():
         if name.startswith(_IGNORED_PREFIXES) or hub_name(name).startswith(_IGNORED_PREFIXES):
