@@ -23,9 +23,10 @@ class KVCache:
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
-        shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [np.zeros(shape, F32) for _ in range(cfg.num_hidden_layers)]
-        self.v = [np.zeros(shape, F32) for _ in range(cfg.num_hidden_layers)]
+        self.shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        # [B, max_len, kv_heads, hd] per layer, allocated by the first append, where attention runs
+        self.k: list = [None] * cfg.num_hidden_layers
+        self.v: list = [None] * cfg.num_hidden_layers
         self.key_valid = np.zeros((batch_size, max_len), bool)
         self.key_prefix = np.zeros((batch_size, max_len), bool)
         self.next_position = np.ones(batch_size, np.int64)  # PaliGemma's positions start at 1
@@ -49,6 +50,8 @@ class KVCache:
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write k, v [B, T, kv_heads, hd] after the cached slots; return all keys/values so far."""
         end = self.length + k.shape[1]
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = ops.zeros(self.shape, "attention"), ops.zeros(self.shape, "attention")
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
@@ -122,10 +125,10 @@ def decoder(x: np.ndarray, valid: np.ndarray, prefix: np.ndarray, w: TextWeights
     T = x.shape[1]
     start = cache.length
     positions = cache.reserve(valid, prefix)  # [B, T]
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, hd]
-    full = prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T)
-    sliding = prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T, cfg.sliding_window) \
-        if cfg.sliding_window is not None else full
+    cos, sin = (ops.place(t, "rope") for t in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta))  # [B, T, hd]
+    full = ops.place(prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T), "attention")  # [B, T, S]
+    sliding = ops.place(prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T, cfg.sliding_window),
+                        "attention") if cfg.sliding_window is not None else full
     for i, layer in enumerate(w.layers):
         mask = sliding if cfg.layer_types and cfg.layer_types[i] == "sliding_attention" else full
         x = tap(f"text.{i}", decoder_layer(x, layer, cfg, cos, sin, mask, cache, i))

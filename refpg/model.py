@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from refpg import backend as ops
+from refpg import cuda
 from refpg.backend import Selection, use
 from refpg.config import PaliGemmaConfig, load_config
 from refpg.gemma import KVCache, decoder, logits
@@ -55,8 +56,9 @@ class PaliGemma:
                         progress: Callable[[int, int], None] | None = None) -> "PaliGemma":
         """Load a checkpoint directory.
 
-        backend: "numpy" | "cpp" | "auto" | {op: backend} | "op=backend,…"; None reads REFPG_BACKEND,
-        else auto (the fastest available: cpp when the extension is built). check: run NumPy beside
+        backend: "numpy" | "cpp" | "cuda" | "auto" | {op: backend} | "op=backend,…"; None reads
+        REFPG_BACKEND, else auto (cpp when the extension is built; cuda only when asked for). With
+        matmul on cuda the weights are uploaded to the GPU here, once. check: run NumPy beside
         every other op and raise on disagreement (None reads REFPG_CHECK). weight_dtype: "float32",
         "bfloat16", or "auto" — bfloat16 when the checkpoint stores BF16 and matmul is not NumPy
         (the native kernels read bf16 directly: half the memory traffic), else float32.
@@ -66,12 +68,19 @@ class PaliGemma:
         if weight_dtype == "auto":
             # bf16 as stored only when matmul is native (NumPy would decode them on every call)
             weight_dtype = "auto" if selection.backends["linear"] != "numpy" else "float32"
-        return cls(config, load_weights(path, config, progress=progress, matrix_dtype=weight_dtype), selection)
+        weights = load_weights(path, config, progress=progress, matrix_dtype=weight_dtype)
+        if selection.backends["linear"] == "cuda":
+            weights = cuda.upload_weights(weights)  # once; they stay on the GPU
+        return cls(config, weights, selection)
 
     # ---- forward ----------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """[B, 3, S, S] -> [B, N, H]: SigLIP features projected into the text width."""
+        return np.asarray(self._image_features(pixel_values))
+
+    def _image_features(self, pixel_values: np.ndarray):
+        """encode_images, left where the selected kernels keep data (the GPU for cuda)."""
         v = self.config.vision
         want = (v.num_channels, v.image_size, v.image_size)
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
@@ -105,7 +114,7 @@ class PaliGemma:
         if cache.length + T > self.config.text.max_position_embeddings:
             raise InputError(f"sequence of {cache.length + T} tokens exceeds the model's limit of "
                              f"{self.config.text.max_position_embeddings}")
-        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        features = self._image_features(pixel_values) if pixel_values is not None else None
         if features is not None and features.shape[0] != B:
             raise InputError(f"pixel_values holds {features.shape[0]} images for {B} rows of input_ids")
         t = self.config.text
@@ -117,7 +126,7 @@ class PaliGemma:
             h = decoder(x, valid, prefix, self.weights.text, t, cache)
             if last_only:
                 h = h[:, -1:]
-            return logits(h, self.weights.text, t)
+            return np.asarray(logits(h, self.weights.text, t))  # on the host (from the GPU for cuda)
 
     def _check_inputs(self, input_ids, token_type_ids, attention_mask, cache):
         ids = np.asarray(input_ids)

@@ -99,7 +99,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
               logit_softcap: float | None = None) -> np.ndarray:
     """Masked multi-/grouped-query attention.
 
-    q [B, T, heads, hd]; k, v [B, S, kv_heads, hd]; mask [B, T, S] bool (True = may attend).
+    q [B, T, heads, hd]; k, v [B, S, kv_heads, hd]; mask [B, T, S] bool (True = may attend) or None
+    (every key visible, as in SigLIP).
     Query head h reads kv head h // (heads / kv_heads). Returns [B, T, heads, hd].
     """
     B, T, heads, hd = q.shape
@@ -112,7 +113,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
     scores = softcap(scores, logit_softcap)
     # A masked score gets the most negative float, not -inf: a row with no visible key (a padding
     # query) then stays finite instead of turning into NaN and poisoning later layers.
-    scores = np.where(mask[:, None, None], scores, np.finfo(F32).min)
+    if mask is not None:
+        scores = np.where(mask[:, None, None], scores, np.finfo(F32).min)
     probs = softmax(scores, axis=-1)
     out = probs @ vg  # [B, kv, group, T, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, heads, hd)

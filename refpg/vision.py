@@ -31,8 +31,7 @@ def self_attention(x: np.ndarray, layer: VisionLayer, cfg: VisionConfig) -> np.n
     q = ops.linear(x, layer.q_proj.weight, layer.q_proj.bias).reshape(B, N, heads, hd)
     k = ops.linear(x, layer.k_proj.weight, layer.k_proj.bias).reshape(B, N, heads, hd)
     v = ops.linear(x, layer.v_proj.weight, layer.v_proj.bias).reshape(B, N, heads, hd)
-    everything = np.ones((B, N, N), dtype=bool)
-    out = ops.attention(q, k, v, everything, scale=hd ** -0.5).reshape(B, N, D)
+    out = ops.attention(q, k, v, None, scale=hd ** -0.5).reshape(B, N, D)  # no mask: every patch sees all
     return ops.linear(out, layer.out_proj.weight, layer.out_proj.bias)
 
 

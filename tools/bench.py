@@ -6,6 +6,10 @@ tokens, per-token decode — for: refpg numpy, refpg cpp with fp32 weights, refp
 weights, and transformers on torch CPU (fp32 and bf16) when installed. Decode is also compared with
 its memory-bandwidth roofline: the bytes of weights one token reads ÷ the measured read bandwidth.
 
+With a GPU (the cuda backend available) it also runs refpg cuda with bf16 weights, and reports
+decode against the HBM roofline (bytes per token ÷ the measured device copy bandwidth) and prefill
+against the bf16 tensor-core peak (`--tc-peak-tflops`, default the H100/H200 SXM dense figure).
+
 Fewer layers (`--vision-layers`, `--text-layers`) keep it to minutes; the LM head (257216 × 2048)
 is always whole. Times are the best of `--repeat` runs.
 
@@ -27,7 +31,7 @@ if "--threads" in sys.argv:
 
 import numpy as np  # noqa: E402
 
-from refpg import backend  # noqa: E402
+from refpg import backend, cuda  # noqa: E402
 from refpg.backend import Selection  # noqa: E402
 from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
 from refpg.model import PaliGemma  # noqa: E402
@@ -129,6 +133,38 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
         w16 = np.zeros((nbytes // 2 // 4096, 4096), np.uint16)
         bw = max(bw, w16.nbytes / best_of(lambda: backend._C.linear(x.T.copy(), w16), 3))
     return bw
+
+
+def device_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes/s of GPU memory traffic in a device-to-device copy (each byte read once, written once)."""
+    src = cuda.zeros((nbytes // 4,))
+    src.copy()
+    cuda.synchronize()
+
+    def copy():
+        src.copy()
+        cuda.synchronize()
+
+    return 2 * nbytes / best_of(copy, 5)
+
+
+def prefill_flops(w: Weights, cfg: PaliGemmaConfig) -> float:
+    """Matmul FLOPs of one prefill: every vision matrix for each patch, every text matrix for each of
+    the image + prompt tokens, the LM head for the last one (attention scores not counted)."""
+    def matrices(obj):
+        if isinstance(obj, Linear):
+            yield obj.weight
+        elif isinstance(obj, list):
+            for o in obj:
+                yield from matrices(o)
+        elif dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                yield from matrices(getattr(obj, f.name))
+
+    n_img, n_txt = cfg.num_image_tokens, cfg.num_image_tokens + PROMPT_TOKENS
+    vision = sum(m.size for m in matrices(w.vision)) + w.projector.weight.size
+    text = sum(m.size for m in matrices(w.text.layers))
+    return 2.0 * (vision * n_img + text * n_txt + w.text.lm_head.size)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -265,11 +301,20 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
     rows = []
     for name, op, args in cases:
         times = {}
-        for be in ("numpy", "cpp"):
+        for be in ("numpy", "cpp", "cuda"):
             if be in backend.OPS[op] and be not in backend.UNAVAILABLE:
                 fn = backend.OPS[op][be]
-                fn(*args)
-                times[be] = best_of(lambda: fn(*args), repeat)
+                if be == "cuda":  # inputs already on the GPU; time until the kernels finish
+                    dev_args = [cuda.as_device(a) if isinstance(a, np.ndarray) else a for a in args]
+
+                    def run(fn=fn, dev_args=dev_args):
+                        fn(*dev_args)
+                        cuda.synchronize()
+                else:
+                    def run(fn=fn):
+                        fn(*args)
+                run()
+                times[be] = best_of(run, repeat)
         rows.append((name, times))
     return rows
 
@@ -284,7 +329,10 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-steps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true", help="skip transformers")
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy reference end to end")
+    ap.add_argument("--no-cpp", action="store_true", help="skip refpg cpp end to end")
     ap.add_argument("--skip-ops", action="store_true", help="skip the per-op table")
+    ap.add_argument("--tc-peak-tflops", type=float, default=989.0,
+                    help="bf16 dense tensor-core peak of the GPU, for the prefill fraction (default 989: H100/H200 SXM)")
     ap.add_argument("--threads", type=int, default=None,
                     help="compute threads for every library (OpenBLAS, torch, refpg); default: their own")
     args = ap.parse_args(argv)
@@ -293,11 +341,12 @@ def main(argv=None) -> None:
           f"{'threads ' + str(backend._C.num_threads()) if backend._C else 'not built'}")
     if not args.skip_ops:
         print("\nper op (one layer's shapes), best of", args.repeat)
-        print(f"{'':44s} {'numpy':>10s} {'cpp':>10s} {'speedup':>8s}")
+        print(f"{'':44s} {'numpy':>10s} {'cpp':>10s} {'speedup':>8s} {'cuda':>10s} {'speedup':>8s}")
         for name, t in time_ops(args.repeat):
-            cpp = t.get("cpp")
-            print(f"{name:44s} {t['numpy'] * 1e3:8.2f}ms "
-                  + (f"{cpp * 1e3:8.2f}ms {t['numpy'] / cpp:7.2f}x" if cpp else f"{'-':>10s}"))
+            cells = [f"{t['numpy'] * 1e3:8.2f}ms"]
+            for be in ("cpp", "cuda"):
+                cells.append(f"{t[be] * 1e3:8.3f}ms {t['numpy'] / t[be]:7.1f}x" if be in t else f"{'-':>10s} {'':8s}")
+            print(f"{name:44s} " + " ".join(cells))
 
     full_text = SHAPES[args.shape][2]
     args.text_layers = args.text_layers or full_text
@@ -308,9 +357,16 @@ def main(argv=None) -> None:
     have_cpp = backend.available("cpp") == list(backend.OP_NAMES)
     if not args.no_numpy:
         runs["refpg numpy"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("numpy")), cfg, args.repeat, args.decode_steps)
-    if have_cpp:
+    if have_cpp and not args.no_cpp:
         runs["refpg cpp fp32"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
         runs["refpg cpp bf16"] = time_refpg(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
+    have_cuda = "cuda" not in backend.UNAVAILABLE
+    if have_cuda:
+        info = backend._C.cuda.device_info()
+        print(f"GPU: {info['name']}, {info['sm_count']} SMs, {info['total_bytes'] / 2**30:.0f} GiB")
+        gpu_model = PaliGemma(cfg, cuda.upload_weights(w16), Selection.from_spec("cuda"))
+        runs["refpg cuda bf16"] = time_refpg(gpu_model, cfg, args.repeat, args.decode_steps)
+        del gpu_model
     if not args.no_torch:
         try:
             import torch  # noqa: F401
@@ -330,6 +386,19 @@ def main(argv=None) -> None:
             print(f"speedup over {base:15s}" + "".join(
                 f"{' / '.join(f'{runs[base][st] / runs[n][st]:.2f}' for st in runs[n]):>20s}" for n in names))
     print("(speedups: image encode / prefill / decode; > 1 is faster)")
+
+    if have_cuda:
+        hbm = device_bandwidth()
+        nbytes = weight_bytes_per_token(w16)
+        floor = nbytes / hbm
+        t_dec, t_pre = runs["refpg cuda bf16"]["decode, per token"], runs["refpg cuda bf16"]["prefill (image + prompt)"]
+        flops = prefill_flops(w32, cfg)
+        print(f"\nGPU decode roofline: measured device copy bandwidth {hbm / 1e9:.0f} GB/s; refpg cuda bf16 reads "
+              f"{nbytes / 1e9:.2f} GB/token: roofline {floor * 1e3:.2f} ms, measured {t_dec * 1e3:.2f} ms = "
+              f"{floor / t_dec * 100:.0f}% of roofline")
+        print(f"GPU prefill: {flops / 1e12:.2f} TFLOP of matmuls in {t_pre * 1e3:.1f} ms = {flops / t_pre / 1e12:.0f} "
+              f"TFLOP/s = {flops / t_pre / 1e12 / args.tc_peak_tflops * 100:.0f}% of {args.tc_peak_tflops:.0f} TFLOP/s "
+              f"bf16 tensor-core peak")
 
     bw = read_bandwidth()
     print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")

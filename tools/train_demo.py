@@ -248,10 +248,10 @@ def build_model(out_dir: str, seed: int):
 
 
 def train(out_dir: str, steps: int, images_per_step: int, peak_lr: float, warmup: int, seed: int,
-          weight_decay: float, log_every: int) -> None:
+          weight_decay: float, log_every: int, threads: int = 1) -> None:
     import torch
 
-    torch.set_num_threads(1)  # the shared 2-core machine: one compute thread
+    torch.set_num_threads(threads)
     write_setup(out_dir)
     proc = Processor.from_pretrained(out_dir)
     model = build_model(out_dir, seed)
@@ -300,9 +300,10 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1)")
     args = ap.parse_args(argv)
     train(args.out, args.steps, args.images_per_step, args.lr, args.warmup, args.seed, args.weight_decay,
-          args.log_every)
+          args.log_every, args.threads)
 
 
 if __name__ == "__main__":

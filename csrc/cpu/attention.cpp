@@ -158,8 +158,9 @@ void probabilities(const Tile& tile, const AttentionArgs& a, float* scores, bool
   for (int i = 0; i < tile.rows; ++i) {
     float* row = scores + i * a.S;
     if (a.softcap != 0.0f) softcap_row(row, row, a.S, a.softcap, avx2);
-    for (int64_t s = 0; s < a.S; ++s)
-      if (!tile.mask[i][s]) row[s] = kMasked;
+    if (tile.mask[i])
+      for (int64_t s = 0; s < a.S; ++s)
+        if (!tile.mask[i][s]) row[s] = kMasked;
     softmax_row(row, row, a.S, avx2);
   }
 }
@@ -197,7 +198,7 @@ Tile make_tile(const AttentionArgs& a, int64_t b, int64_t kv, int64_t index, int
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t t = r / group, h = kv * group + r % group;
     tile.q[r - r0] = a.q + b * a.q_b + t * a.q_t + h * a.hd;
-    tile.mask[r - r0] = a.mask + b * a.m_b + t * a.m_t;
+    tile.mask[r - r0] = a.mask ? a.mask + b * a.m_b + t * a.m_t : nullptr;
     tile.out[r - r0] = a.out + ((b * a.T + t) * a.H + h) * a.hd;
   }
   tile.k = a.k + b * a.k_b + kv * a.hd;

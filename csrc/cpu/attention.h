@@ -26,7 +26,7 @@ struct AttentionArgs {
   int64_t k_b, k_s;
   const float* v;        // [B, S, KV, hd], like k
   int64_t v_b, v_s;
-  const uint8_t* mask;   // [B, T, S] booleans (nonzero = may attend), s packed
+  const uint8_t* mask;   // [B, T, S] booleans (nonzero = may attend), s packed; nullptr = every key visible
   int64_t m_b, m_t;
   float* out;            // [B, T, H, hd] contiguous, not overlapping the inputs
   int64_t B, T, S, H, KV, hd;  // S >= 1, KV >= 1, H a multiple of KV

@@ -1,0 +1,27 @@
+// linear on the GPU: y[M, N] = x[M, K] @ W[N, K].T (+ b), W float32 or bf16, fp32 accumulation.
+//   M <= 8 (decode): a bandwidth-bound GEMV — each weight row is read once with 16-byte loads, the
+//                    few activation rows sit in shared memory, products and sums in fp32 (exact
+//                    for bf16 weights up to summation order);
+//   M > 8 (prefill): bf16 tensor-core tiles (mma), activations (and fp32 weights) rounded to bf16
+//                    when staged into shared memory, fp32 accumulation.
+// All pointers are device pointers. Arguments are validated in csrc/bindings.cpp; this trusts them.
+#pragma once
+#include <cstdint>
+
+namespace refpg::cuda {
+
+struct LinearArgs {
+  const float* x;       // [M, K], rows ldx floats apart (ldx >= K; any alignment)
+  int64_t ldx;
+  const void* weight;   // [N, K] contiguous: float, or uint16_t bf16 bits when weight_bf16
+  bool weight_bf16;
+  const float* bias;    // [N] or nullptr
+  float* y;             // [M, N], rows ldy floats apart (ldy >= N); does not overlap the inputs
+  int64_t ldy;
+  int64_t M, N, K;      // any of them may be 0
+};
+
+// Queues the work on the default stream; throws refpg::cuda::Error on a failed launch.
+void linear(const LinearArgs& args);
+
+}  // namespace refpg::cuda

@@ -1,0 +1,129 @@
+"""The CUDA kernels on a real GPU: argument checks, errors, memory bounds and whole-model parity.
+
+The op table (tests/test_backend_ops.py) runs every op on `cuda` against NumPy; the data path
+around the kernels is tested without a GPU in tests/test_cuda_plumbing.py. Everything here skips,
+with the reason, where no GPU can be used — except the check that CI compiled the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import case_inputs, load_reference
+from make_tiny_checkpoint import VARIANTS
+
+from refpg import PaliGemma, backend, cuda
+
+F32 = np.float32
+needs_gpu = pytest.mark.skipif("cuda" in backend.UNAVAILABLE, reason=backend.UNAVAILABLE.get("cuda", ""))
+rng = np.random.default_rng(7)
+
+# The prefill matmuls round activations to bf16 for the tensor cores (decode stays fp32): after
+# the tiny models' 3 + 2 layers that moves logits by about what rounding the weights to bf16 does
+# (tests/test_backend_model.py's BF16_ROUNDED_TOL, measured 0.5-1.5 % there).
+CUDA_LOGITS_TOL = 3e-2
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(F32)
+
+
+def test_cuda_kernels_were_compiled_where_ci_requires_it():
+    """CI sets REFPG_REQUIRE_CUDA_BUILD=1 (nvcc is there, a GPU is not): a kernel that does not
+    compile fails the install; one the build silently left out fails here."""
+    if not os.environ.get("REFPG_REQUIRE_CUDA_BUILD"):
+        pytest.skip("REFPG_REQUIRE_CUDA_BUILD is not set (CI sets it)")
+    from refpg import _C
+
+    assert _C.cuda.compiled, cuda.unavailable_reason()
+
+
+def test_cuda_reports_why_it_is_unavailable():
+    reason = cuda.unavailable_reason()
+    if reason is None:
+        pytest.skip("a GPU is available here")
+    assert backend.UNAVAILABLE["cuda"] == reason
+    with pytest.raises(backend.BackendError, match="cuda"):
+        PaliGemma.from_pretrained("unused", backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("call,error,message", [
+    (lambda C: C.linear(C.upload(randn(3, 4)), C.upload(randn(5, 6))), ValueError, "linear: weight"),
+    (lambda C: C.linear(randn(3, 4), C.upload(randn(5, 4))), ValueError, "linear: x must be a refpg device tensor"),
+    (lambda C: C.linear(C.upload(randn(3, 4).astype(np.int64)), C.upload(randn(5, 4))), ValueError, "linear: x"),
+    (lambda C: C.linear(C.upload(randn(3, 4)), C.upload(randn(5, 4)), C.upload(randn(4))), ValueError, "linear: bias"),
+    (lambda C: C.rms_norm(C.upload(randn(3, 4)), C.upload(randn(5)), 1e-6), ValueError, "rms_norm: weight"),
+    (lambda C: C.geglu(C.upload(randn(3, 4)), C.upload(randn(3, 5))), ValueError, "geglu"),
+    (lambda C: C.rope(C.upload(randn(1, 2, 3, 4)), C.upload(randn(1, 2, 5)), C.upload(randn(1, 2, 5))), ValueError, "rope"),
+    (lambda C: C.attention(*(C.upload(randn(*s)) for s in [(1, 2, 3, 8), (1, 5, 2, 8), (1, 5, 2, 8)]),
+                           C.upload(np.ones((1, 2, 5), bool)), 0.1), ValueError, "attention"),
+    (lambda C: C.attention(*(C.upload(randn(*s)) for s in [(1, 2, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)]),
+                           C.upload(np.ones((1, 2, 4), bool)), 0.1), ValueError, "attention: mask"),
+    (lambda C: C.embedding(C.upload(randn(10, 4)), np.array([[3, 10]])), ValueError, "embedding"),
+    (lambda C: C.upload(randn(4, 4)).view(0, [4, 5], [5, 1]), IndexError, "view reaches"),
+    (lambda C: C.empty([1 << 42]), MemoryError, "CUDA out of memory"),
+])
+def test_bad_calls_raise_before_any_kernel_runs(call, error, message):
+    from refpg import _C
+
+    with pytest.raises(error, match=message):
+        call(_C.cuda)
+    _C.cuda.synchronize()  # and the device is still healthy
+
+
+@needs_gpu
+def test_kernels_read_only_inside_their_views():
+    """NaN everywhere around the views: a kernel reading past a row or a cache slot returns NaN."""
+    from refpg import _C
+
+    w = cuda.as_device(randn(19, 33))
+    for M in (7, 300):  # GEMV path, tensor-core path
+        x_buf = np.full((M, 40), np.nan, F32)
+        x_buf[:, :33] = randn(M, 33)
+        x = cuda.as_device(x_buf)[:, :33]  # rows 40 floats apart, handed to the kernel as such
+        y = _C.cuda.download(_C.cuda.linear(x.t, w.t))
+        ref = x_buf[:, :33] @ np.asarray(w).T
+        assert np.isfinite(y).all() and backend.nmse(y, ref) <= backend.tolerance("linear", "cuda")
+
+    cache = np.full((2, 64, 2, 16), np.nan, F32)
+    cache[:, :40] = randn(2, 40, 2, 16)
+    k = cuda.as_device(cache)
+    for T in (1, 9):  # decode kernel, prefill kernel
+        q = randn(2, T, 4, 16)
+        out = np.asarray(cuda.attention(q, k[:, :40], k[:, :40], np.ones((2, T, 40), bool), 0.25))
+        ref = backend.OPS["attention"]["numpy"](q, cache[:, :40], cache[:, :40], np.ones((2, T, 40), bool), 0.25)
+        assert backend.nmse(out, ref) <= backend.tolerance("attention", "cuda")
+
+
+def prefill(model, inputs):
+    return model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
+                 attention_mask=inputs["attention_mask"])
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cuda_backend_reproduces_reference_logits_and_tokens(tiny_checkpoints, variant):
+    path = tiny_checkpoints[variant]
+    ref = load_reference(path)
+    model = PaliGemma.from_pretrained(path, backend="cuda")
+    for case in ("single", "batch"):
+        inputs = case_inputs(ref, case)
+        real = inputs["attention_mask"].astype(bool)
+        logits = prefill(model, inputs)
+        err = float(np.abs(logits[real] - ref[f"{case}/logits"][real]).max() / np.abs(ref[f"{case}/logits"][real]).max())
+        assert err <= CUDA_LOGITS_TOL, f"{variant} {case}: {err:.2e}"
+    inputs = case_inputs(ref, "single")
+    np.testing.assert_array_equal(model.generate(inputs, max_new_tokens=ref["single/greedy"].shape[1]),
+                                  ref["single/greedy"])
+
+
+@needs_gpu
+def test_cuda_check_mode_passes_on_a_whole_model(tiny_checkpoints):
+    """Every op of a forward pass within its stated tolerance of NumPy (check mode raises otherwise)."""
+    path = tiny_checkpoints["gemma2-bf16"]
+    inputs = case_inputs(load_reference(path), "batch")
+    model = PaliGemma.from_pretrained(path, backend="cuda", check=True)
+    model.generate(inputs, max_new_tokens=3)
