@@ -14,6 +14,8 @@
 #include "cpu/rope.h"
 #include "cpu/threadpool.h"
 #ifdef REFPG_WITH_CUDA
+#include <algorithm>
+
 #include "cuda/activations.h"
 #include "cuda/attention.h"
 #include "cuda/device_tensor.h"
@@ -139,14 +141,25 @@ struct Dev {
     return py::dtype::of<float>();
   }
   static DeviceTensor like(const DeviceTensor& t) { return DeviceTensor::empty(t.shape, DType::F32); }
+  // Row kernels put one block per row on grid.x: at most 2^31 - 1 of them.
+  static void launchable(const std::string& op, int64_t rows) {
+    if (rows > INT32_MAX) fail(op, std::to_string(rows) + " rows: at most 2^31 - 1 per call");
+  }
   // ids as a host int64 array checked against [0, V), uploaded.
-  static DeviceTensor ids(const std::string& op, const py::object& o, int64_t V) {
+  // distinct: no id twice (a scatter's destinations).
+  static DeviceTensor ids(const std::string& op, const py::object& o, int64_t V, bool distinct = false) {
     const py::array a = Arg::dense(op, "ids", o, {DType::I64}, 0);
     const int64_t* id = static_cast<const int64_t*>(a.data());
     for (int64_t i = 0; i < a.size(); ++i)
       if (id[i] < 0 || id[i] >= V)
         fail(op, "ids holds " + std::to_string(id[i]) + " (flat index " + std::to_string(i) +
                      "), outside [0, " + std::to_string(V) + ")");
+    launchable(op, a.size());
+    if (distinct) {
+      std::vector<int64_t> sorted(id, id + a.size());
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) fail(op, "ids holds a row twice");
+    }
     DeviceTensor t = DeviceTensor::empty(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()), DType::I64);
     cuda::copy_to_device(t.data(), a.data(), a.size() * sizeof(int64_t));
     return t;
@@ -210,6 +223,7 @@ void bind_cuda(py::module_& c) {
     if (t.contiguous()) {
       cuda::copy_to_host(out.mutable_data(), t.data(), out.nbytes());
     } else {
+      if (static_cast<int>(t.shape.size()) > cuda::kMaxDims) fail("download", "a strided view of more than 6 dimensions");
       DeviceTensor packed = DeviceTensor::empty(t.shape, t.dtype);
       cuda::copy_strided(packed.data(), packed.strides.data(), t.data(), t.strides.data(), t.shape.data(),
                          static_cast<int>(t.shape.size()), cuda::elem_bytes(t.dtype));
@@ -225,6 +239,8 @@ void bind_cuda(py::module_& c) {
       fail(op, "dst " + Dev::shape_of(dst) + " and src " + Dev::shape_of(src) + " differ in shape or dtype");
     if (static_cast<int>(dst.shape.size()) > cuda::kMaxDims) fail(op, "more than 6 dimensions");
     if (dst.storage == src.storage) fail(op, "dst and src share memory");
+    for (size_t i = 0; i < dst.shape.size(); ++i)
+      if (dst.shape[i] > 1 && dst.strides[i] == 0) fail(op, "dst repeats elements (a zero stride)");
     cuda::copy_strided(dst.data(), dst.strides.data(), src.data(), src.strides.data(), dst.shape.data(),
                        static_cast<int>(dst.shape.size()), cuda::elem_bytes(dst.dtype));
   }, py::arg("dst"), py::arg("src"), "dst[...] = src[...] on the device (views of different storage, same shape)");
@@ -234,7 +250,7 @@ void bind_cuda(py::module_& c) {
     const DeviceTensor& src = Dev::dense(op, "src", src_arg, 2);
     const int64_t R = Dev::check(op, "dst", dst, {DType::F32}, {-1, -1})[0], W = dst.shape[1];
     const int64_t n = Dev::check(op, "src", src, {DType::F32}, {-1, W})[0];
-    const DeviceTensor rows = Dev::ids(op, rows_arg, R);
+    const DeviceTensor rows = Dev::ids(op, rows_arg, R, /*distinct=*/true);
     if (rows.numel() != n) fail(op, "rows holds " + std::to_string(rows.numel()) + " indices for " + std::to_string(n) + " source rows");
     if (dst.storage == src.storage) fail(op, "dst and src share memory");
     cuda::scatter_rows(dst.as<float>(), rows.as<int64_t>(), src.as<float>(), n, W);
@@ -259,6 +275,7 @@ void bind_cuda(py::module_& c) {
     const DeviceTensor& x = Dev::dense("rms_norm", "x", x_arg, 1);
     const int64_t D = x.shape.back();
     const DeviceTensor& w = Dev::vec("rms_norm", "weight", w_arg, D);
+    Dev::launchable("rms_norm", D ? x.numel() / D : 0);
     DeviceTensor y = Dev::like(x);
     cuda::rms_norm(x.as<float>(), w.as<float>(), y.as<float>(), D ? x.numel() / D : 0, D, eps);
     return y;
@@ -268,6 +285,7 @@ void bind_cuda(py::module_& c) {
     const int64_t D = x.shape.back();
     const DeviceTensor& w = Dev::vec("layer_norm", "weight", w_arg, D);
     const DeviceTensor& b = Dev::vec("layer_norm", "bias", b_arg, D);
+    Dev::launchable("layer_norm", D ? x.numel() / D : 0);
     DeviceTensor y = Dev::like(x);
     cuda::layer_norm(x.as<float>(), w.as<float>(), b.as<float>(), y.as<float>(), D ? x.numel() / D : 0, D, eps);
     return y;
@@ -297,6 +315,7 @@ void bind_cuda(py::module_& c) {
     const DeviceTensor& x = Dev::dense("softmax", "x", x_arg, 1);
     const int64_t cols = x.shape.back();
     if (cols == 0) fail("softmax", "the softmax axis is empty");
+    Dev::launchable("softmax", x.numel() / cols);
     DeviceTensor y = Dev::like(x);
     cuda::softmax(x.as<float>(), y.as<float>(), x.numel() / cols, cols);
     return y;
@@ -356,6 +375,7 @@ void bind_cuda(py::module_& c) {
     if (S < 1) fail(op, "k and v hold no keys (S = 0)");
     if (KV < 1 || H % KV != 0) fail(op, "q's heads must be a multiple of k's kv heads");
     if (hd < 1 || hd > 512) fail(op, "head_dim must be in 1..512");
+    Dev::launchable(op, B * T * H);  // query rows (the decode kernel also splits them by keys)
     for (const auto& [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}})
       if (!t->inner_contiguous(2)) fail(op, std::string(name) + " must be contiguous in its last 2 dimensions");
     const uint8_t* mask_ptr = nullptr;

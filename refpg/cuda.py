@@ -117,7 +117,7 @@ class DeviceArray:
                 offset += start * stride if n else 0
                 shape.append(n)
                 strides.append(stride * step)
-            elif isinstance(k, numbers.Integral):
+            elif isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_)):
                 i = int(k) + size if k < 0 else int(k)
                 if not 0 <= i < size:
                     raise IndexError(f"index {k} is out of bounds for axis {dim} with size {size}")
@@ -138,6 +138,8 @@ class DeviceArray:
             return
         dst = self[key]
         src = as_device(value)
+        if src.t.same_storage(dst.t):
+            src = src.copy()  # a[1:] = a[:-1]: read everything before writing
         if src.shape != dst.shape:
             raise ValueError(f"cannot assign an array of shape {src.shape} to a slice of shape {dst.shape}")
         _C.cuda.copy(dst.t, src.t)
@@ -165,7 +167,7 @@ def as_device(x) -> DeviceArray:
     a = np.asarray(x)
     if a.dtype == np.float64:
         a = a.astype(np.float32)
-    return DeviceArray(_C.cuda.upload(np.ascontiguousarray(a)))
+    return DeviceArray(_C.cuda.upload(np.require(a, requirements="C")))  # keeps 0-d arrays 0-d
 
 
 def to_host(x):
@@ -249,4 +251,7 @@ def attention(q, k, v, mask, scale, logit_softcap=None):
 
 
 def embedding(table, ids):
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
     return DeviceArray(_C.cuda.embedding(_t(table), np.ascontiguousarray(ids, dtype=np.int64)))

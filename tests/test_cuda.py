@@ -64,6 +64,9 @@ def test_cuda_reports_why_it_is_unavailable():
                            C.upload(np.ones((1, 2, 4), bool)), 0.1), ValueError, "attention: mask"),
     (lambda C: C.embedding(C.upload(randn(10, 4)), np.array([[3, 10]])), ValueError, "embedding"),
     (lambda C: C.upload(randn(4, 4)).view(0, [4, 5], [5, 1]), IndexError, "view reaches"),
+    (lambda C: C.upload(randn(16)).view(0, [3], [2 ** 62]), IndexError, "view"),  # no int64 wrap-around
+    (lambda C: C.copy(C.upload(randn(4)).view(0, [4], [0]), C.upload(randn(4))), ValueError, "zero stride"),
+    (lambda C: C.scatter_rows(C.upload(randn(5, 3)), np.array([1, 1]), C.upload(randn(2, 3))), ValueError, "twice"),
     (lambda C: C.empty([1 << 42]), MemoryError, "CUDA out of memory"),
 ])
 def test_bad_calls_raise_before_any_kernel_runs(call, error, message):

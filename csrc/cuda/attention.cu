@@ -41,7 +41,7 @@
 // refpg::cuda::alloc and never freed before the process ends. Not thread-safe: attention() must be
 // called from one host thread at a time. Kernels queue on the default stream, which runs them in
 // order, so a call may reuse the buffer while an earlier call's kernels are still pending; growing
-// it goes through cudaFree, which waits for the device first.
+// it releases the old buffer stream-ordered (runtime.cu), after the kernels queued before.
 #include <cfloat>
 #include <cmath>
 #include <cstddef>
@@ -338,7 +338,7 @@ size_t g_workspace_bytes = 0;
 
 float* workspace(size_t bytes) {
   if (bytes > g_workspace_bytes) {
-    release(g_workspace);  // cudaFree: waits until queued kernels that may use it are done
+    release(g_workspace);  // stream-ordered: freed after the queued kernels that may use it
     g_workspace = nullptr;
     g_workspace_bytes = 0;
     g_workspace = static_cast<float*>(alloc(bytes));

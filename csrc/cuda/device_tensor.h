@@ -38,6 +38,10 @@ struct DeviceTensor {
   std::vector<int64_t> shape, strides;    // strides in elements
   DType dtype = DType::F32;
 
+  // Element counts, offsets and strides stay below 2^47, so no product of them in a binding or a
+  // kernel's index math can overflow int64.
+  static constexpr int64_t kMaxElems = int64_t{1} << 47;
+
   static DeviceTensor empty(const std::vector<int64_t>& shape, DType dtype) {
     DeviceTensor t;
     t.shape = shape;
@@ -47,6 +51,8 @@ struct DeviceTensor {
     for (size_t i = shape.size(); i-- > 0;) {
       if (shape[i] < 0) throw std::invalid_argument("negative dimension in a device tensor's shape");
       t.strides[i] = n;
+      if (shape[i] > 0 && n > kMaxElems / shape[i])
+        throw std::invalid_argument("a device tensor of more than 2^47 elements");
       n *= shape[i];
     }
     t.storage = std::make_shared<Storage>(static_cast<size_t>(n) * elem_bytes(dtype));
@@ -84,14 +90,23 @@ struct DeviceTensor {
   DeviceTensor view(int64_t new_offset, const std::vector<int64_t>& new_shape,
                     const std::vector<int64_t>& new_strides) const {
     if (new_shape.size() != new_strides.size()) throw std::invalid_argument("view: shape and strides differ in rank");
-    if (new_offset < 0) throw std::out_of_range("view: negative offset");
+    if (new_offset < 0 || new_offset > storage_elems()) throw std::out_of_range("view: offset outside the storage");
     int64_t last = new_offset, n = 1;
+    bool empty_view = false;
     for (size_t i = 0; i < new_shape.size(); ++i) {
       if (new_shape[i] < 0 || new_strides[i] < 0) throw std::out_of_range("view: negative size or stride");
-      n *= new_shape[i];
-      if (new_shape[i] > 0) last += (new_shape[i] - 1) * new_strides[i];
+      if (new_shape[i] > kMaxElems || new_strides[i] > kMaxElems) throw std::out_of_range("view: size or stride too large");
+      empty_view = empty_view || new_shape[i] == 0;
     }
-    if (n > 0 && last >= storage_elems())
+    for (size_t i = 0; i < new_shape.size() && !empty_view; ++i) {
+      // both factors < 2^47 and the sum is checked at each step: no int64 overflow
+      if (new_shape[i] - 1 > 0 && new_strides[i] > (kMaxElems - last) / (new_shape[i] - 1))
+        throw std::out_of_range("view reaches past 2^47 elements");
+      last += (new_shape[i] - 1) * new_strides[i];
+      n *= new_shape[i];
+      if (n > kMaxElems) throw std::out_of_range("view of more than 2^47 elements");
+    }
+    if (!empty_view && last >= storage_elems())
       throw std::out_of_range("view reaches element " + std::to_string(last) + " of a storage of " +
                               std::to_string(storage_elems()));
     DeviceTensor t = *this;

@@ -1,4 +1,5 @@
 // runtime: see runtime.h.
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -45,23 +46,54 @@ DeviceInfo device_info() {
   return info;
 }
 
+// Allocations are stream-ordered (cudaMallocAsync / cudaFreeAsync on the default stream, which runs
+// every kernel): freeing a temporary does not wait for the GPU, and memory freed while kernels that
+// read it are still queued is reused only after them. The device's default pool keeps what is
+// freed (release threshold: never), so steady-state forward passes allocate without the driver.
+namespace {
+void keep_freed_memory_in_pool() {
+  static const bool done = [] {
+    int dev = 0;
+    REFPG_CUDA_CHECK(cudaGetDevice(&dev));
+    cudaMemPool_t pool;
+    REFPG_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+    uint64_t never = UINT64_MAX;
+    REFPG_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &never));
+    return true;
+  }();
+  (void)done;
+}
+}  // namespace
+
 void* alloc(size_t bytes) {
   void* p = nullptr;
   if (bytes == 0) return nullptr;
-  const cudaError_t err = cudaMalloc(&p, bytes);
+  keep_freed_memory_in_pool();
+  cudaError_t err = cudaMallocAsync(&p, bytes, 0);
+  if (err == cudaErrorMemoryAllocation) {
+    // the pool may hold freed blocks of other sizes: hand them back and try once more
+    (void)cudaGetLastError();
+    int dev = 0;
+    cudaMemPool_t pool;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess &&
+        cudaDeviceSynchronize() == cudaSuccess)
+      cudaMemPoolTrimTo(pool, 0);
+    (void)cudaGetLastError();
+    err = cudaMallocAsync(&p, bytes, 0);
+  }
   if (err == cudaErrorMemoryAllocation) {
     (void)cudaGetLastError();
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
-    throw OutOfMemory("CUDA out of memory: cudaMalloc of " + std::to_string(bytes >> 20) + " MiB failed with " +
+    throw OutOfMemory("CUDA out of memory: allocating " + std::to_string(bytes >> 20) + " MiB failed with " +
                       std::to_string(free_b >> 20) + " MiB free of " + std::to_string(total_b >> 20) + " MiB");
   }
-  if (err != cudaSuccess) throw_error(err, "cudaMalloc", __FILE__, __LINE__);
+  if (err != cudaSuccess) throw_error(err, "cudaMallocAsync", __FILE__, __LINE__);
   return p;
 }
 
 void release(void* p) noexcept {
-  if (p) cudaFree(p);  // errors here are reported by the next checked call
+  if (p && cudaFreeAsync(p, 0) != cudaSuccess) (void)cudaGetLastError();  // not to be blamed on the next launch
 }
 
 void copy_to_device(void* dst, const void* src, size_t bytes) {

@@ -27,6 +27,7 @@ struct DeviceInfo {
 };
 DeviceInfo device_info();
 
+// Stream-ordered on the default stream (see runtime.cu): release() does not wait for the GPU.
 void* alloc(size_t bytes);      // throws OutOfMemory
 void release(void* p) noexcept;
 void copy_to_device(void* dst, const void* src, size_t bytes);

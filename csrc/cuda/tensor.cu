@@ -1,4 +1,6 @@
 // copy_strided and scatter_rows: see tensor.h.
+#include <string>
+
 #include "cuda/check.cuh"
 #include "cuda/tensor.h"
 
@@ -47,6 +49,7 @@ void launch_copy(void* dst, const void* src, const Layout& l, int64_t n) {
 
 void copy_strided(void* dst, const int64_t* dst_strides, const void* src, const int64_t* src_strides,
                   const int64_t* shape, int ndim, int elem_bytes) {
+  if (ndim < 0 || ndim > kMaxDims) throw Error("copy_strided: " + std::to_string(ndim) + " dimensions (at most 6)");
   Layout l{};
   l.ndim = ndim;
   int64_t n = 1;
