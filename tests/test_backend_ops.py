@@ -52,6 +52,9 @@ def attention_case(B, T, S, H, KV, hd, mask="prefix", softcap=None, max_len=None
         start = S - T
         if mask is None:
             m = None  # every key visible (SigLIP)
+        elif mask == "blind":  # row 0's first query sees no key at all: the average of all of v
+            m = rng.random((B, T, S)) < 0.5
+            m[0, 0] = False
         elif mask == "random":
             m = rng.random((B, T, S)) < 0.7
             m[:, :, 0] = True
@@ -111,6 +114,8 @@ for args in [
     dict(B=2, T=4, S=300, H=8, KV=2, hd=256, max_len=320),  # cuda: the largest decode-kernel T
     dict(B=1, T=5, S=300, H=8, KV=2, hd=256, max_len=320),  # cuda: the smallest prefill-kernel T
     dict(B=1, T=3, S=50, H=2, KV=1, hd=512, softcap=30.0),  # the widest head the kernels take
+    dict(B=2, T=2, S=300, H=2, KV=1, hd=33, mask="blind"),  # cuda: a query blind to all keys, split-KV
+    dict(B=1, T=6, S=70, H=1, KV=1, hd=1, mask="blind"),  # the same in the prefill kernel, hd 1
 ]:
     name = "-".join(f"{k}{v}" for k, v in args.items())
     CASES.append(("attention", name, attention_case(**args)))

@@ -351,7 +351,7 @@ int sm_count() {
   int device = 0, sms = 0;
   REFPG_CUDA_CHECK(cudaGetDevice(&device));
   REFPG_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+  return sms > 0 ? sms : 1;
 }
 
 template <int NI>
