@@ -121,6 +121,7 @@ class Record:
 
 def compare(name: str, a: np.ndarray, b: np.ndarray, tol: float) -> Record:
     """Metrics of b against the reference a."""
+    a, b = np.asarray(a), np.asarray(b)  # a live cuda run hands over DeviceArrays
     if a.shape != b.shape:
         return Record(name, list(a.shape), math.inf, math.inf, math.inf, 0.0, None, True)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)

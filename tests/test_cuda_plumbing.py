@@ -138,6 +138,18 @@ def test_mixed_selection_and_check_mode_on_the_cuda_path(fake_gpu, tiny_checkpoi
     np.testing.assert_allclose(run(checked, inputs), expected, rtol=0, atol=1e-5)
 
 
+def test_diff_tool_compares_a_cuda_run_activation_by_activation(fake_gpu, tiny_checkpoints):
+    from refpg import Processor
+    from refpg.diff import diff_runs
+
+    path = tiny_checkpoints["gemma2-bf16"]
+    image = np.random.default_rng(3).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    result = diff_runs(PaliGemma.from_pretrained(path, backend="numpy"), PaliGemma.from_pretrained(path, backend="cuda"),
+                       Processor.from_pretrained(path), image, "caption en", decode_steps=2, tol=1e-5)
+    assert result.records and not any(r.divergent for r in result.records)
+    assert any(r.name.startswith("decode.1/") for r in result.records)
+
+
 from test_backend_ops import CASES  # noqa: E402
 
 
