@@ -57,8 +57,9 @@ try:
 except ImportError as e:  # the NumPy reference works without the extension
     _C = None
     UNAVAILABLE["cpp"] = f"the native extension refpg._C is not importable ({e}); build it with `pip install .`"
-if cuda.unavailable_reason():
-    UNAVAILABLE["cuda"] = cuda.unavailable_reason()
+_why_no_cuda = cuda.unavailable_reason()
+if _why_no_cuda:
+    UNAVAILABLE["cuda"] = _why_no_cuda
 
 
 def _cpp_linear(x, weight, bias=None):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import case_inputs, load_reference
 from make_tiny_checkpoint import VARIANTS
+from test_backend_model import prefill, rel_err
 
 from refpg import PaliGemma, backend, cuda
 
@@ -101,11 +102,6 @@ def test_kernels_read_only_inside_their_views():
         assert backend.nmse(out, ref) <= backend.tolerance("attention", "cuda")
 
 
-def prefill(model, inputs):
-    return model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
-                 attention_mask=inputs["attention_mask"])
-
-
 @needs_gpu
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_cuda_backend_reproduces_reference_logits_and_tokens(tiny_checkpoints, variant):
@@ -115,8 +111,7 @@ def test_cuda_backend_reproduces_reference_logits_and_tokens(tiny_checkpoints, v
     for case in ("single", "batch"):
         inputs = case_inputs(ref, case)
         real = inputs["attention_mask"].astype(bool)
-        logits = prefill(model, inputs)
-        err = float(np.abs(logits[real] - ref[f"{case}/logits"][real]).max() / np.abs(ref[f"{case}/logits"][real]).max())
+        err = rel_err(prefill(model, inputs)[real], ref[f"{case}/logits"][real])
         assert err <= CUDA_LOGITS_TOL, f"{variant} {case}: {err:.2e}"
     inputs = case_inputs(ref, "single")
     np.testing.assert_array_equal(model.generate(inputs, max_new_tokens=ref["single/greedy"].shape[1]),

@@ -10,22 +10,12 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/attention.h"
+
 namespace refpg::cuda {
 
-struct AttentionArgs {
-  const float* q;        // [B, T, H, hd], (H, hd) packed; element strides of b and t:
-  int64_t q_b, q_t;
-  const float* k;        // [B, S, KV, hd], (KV, hd) packed — e.g. a view into a longer KV cache
-  int64_t k_b, k_s;
-  const float* v;        // [B, S, KV, hd], like k
-  int64_t v_b, v_s;
-  const uint8_t* mask;   // [B, T, S] booleans (nonzero = may attend), s packed; nullptr = every key visible
-  int64_t m_b, m_t;
-  float* out;            // [B, T, H, hd] contiguous, not overlapping the inputs
-  int64_t B, T, S, H, KV, hd;  // S >= 1, KV >= 1, H a multiple of KV, 1 <= hd <= 512
-  float scale;
-  float softcap;         // 0: no soft-cap
-};
+// AttentionArgs (the struct the CPU kernel takes, csrc/cpu/attention.h), here with device pointers;
+// 1 <= hd <= 512.
 
 // Queues the work on the default stream; throws refpg::cuda::Error on a failed launch.
 void attention(const AttentionArgs& args);

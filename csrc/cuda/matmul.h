@@ -8,18 +8,11 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/matmul.h"
+
 namespace refpg::cuda {
 
-struct LinearArgs {
-  const float* x;       // [M, K], rows ldx floats apart (ldx >= K; any alignment)
-  int64_t ldx;
-  const void* weight;   // [N, K] contiguous: float, or uint16_t bf16 bits when weight_bf16
-  bool weight_bf16;
-  const float* bias;    // [N] or nullptr
-  float* y;             // [M, N], rows ldy floats apart (ldy >= N); does not overlap the inputs
-  int64_t ldy;
-  int64_t M, N, K;      // any of them may be 0
-};
+// LinearArgs (the struct the CPU kernel takes, csrc/cpu/matmul.h), here with device pointers.
 
 // Queues the work on the default stream; throws refpg::cuda::Error on a failed launch.
 void linear(const LinearArgs& args);
