@@ -5,7 +5,8 @@ Scenes 0–299 of refpg.scenes (training used seeds from 1000 up) are asked ever
 `refpg.scenes.tasks` lists; answers are decoded greedily through refpg's own path — `Processor`
 (left-padded batches) and `PaliGemma.generate` — and scored:
 
-    caption    exact match of the whole caption ("a red circle and a blue square")
+    caption    exact match of the whole caption ("a red circle and a blue square"), also split
+               into scenes where two objects share a colour and scenes where none do
     counting   exact match ("one" / "two" / "three")
     colour     exact match ("blue")
     detection  fraction of objects whose first predicted box (refpg.detection.parse_detections)
@@ -44,6 +45,7 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
 
     right = {kind: 0 for kind in rows}
     errors = []
+    same_colour = {}  # whether a caption's scene has two objects of one colour -> [right, asked]
     for kind, items in rows.items():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -58,6 +60,11 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
                 else:
                     ok = text == answer
                 right[kind] += ok
+                if kind == "caption":
+                    colours = [c for c, _, _ in scene.objects]
+                    tally = same_colour.setdefault(len(set(colours)) < len(colours), [0, 0])
+                    tally[0] += ok
+                    tally[1] += 1
                 if not ok:
                     errors.append((prompt, answer, text))
     names = {"caption": "caption", "count": "counting", "colour": "colour", "detect": "detection"}
@@ -65,6 +72,9 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
     for k in rows:
         log(f"{names[k]:10s} {100 * result[names[k]]:6.1f} %   ({right[k]}/{len(rows[k])}"
             f"{' objects with IoU >= 0.7' if k == 'detect' else ''})")
+    for shared, (ok, asked) in sorted(same_colour.items()):
+        log(f"  caption, {'two objects of one colour' if shared else 'every object its own colour'}: "
+            f"{100 * ok / asked:.1f} % ({ok}/{asked})")
     for prompt, answer, text in errors[:show_errors]:
         log(f"  wrong: {prompt!r}: expected {answer!r}, got {text!r}")
     return result

@@ -24,9 +24,23 @@ The shipped weights are this script's defaults: 9600 steps (76 800 scenes) on tw
 loss 0.010. Time: the first 1000 steps ran at 23 scenes/s (a 56-minute run at that pace), but this
 VM slowed to 13-15 scenes/s later, with or without other work beside it, and the whole run took
 87 min. tools/eval_demo.py on the weights: caption 89.3 %, counting 99.7 %, colour 100 %,
-detection 99.5 % (616/619 objects with IoU >= 0.7). Almost every caption error is the order of two
-objects of one colour (the left-to-right rule when their centres are close); the earlier 4400-step,
-one-thread recipe gave caption 71 % and detection 90 %.
+detection 99.5 % (616/619 objects with IoU >= 0.7). The captions are right on 98.7 % of the scenes
+whose objects all differ in colour and on 56 % of those with two objects of one colour: there the
+model writes the two shapes in either order, however far apart they are (errors at every centre
+distance from 8 to 44 px), i.e. it has not bound shape to place for the caption, though detection
+of the same objects works. The earlier 4400-step, one-thread recipe gave caption 71 %, detection 90 %.
+
+Tried and not shipped (eval_demo on 300 held-out scenes; each run ~45-50 min):
+- three questions per image instead of all (caption, one detection, count or colour; 24 rows per
+  step, 24 scenes/s) with 40 % of the training scenes drawn with two objects of one colour, 8000
+  steps in 45 min: caption 84.0 %, colour 82.2 %, detection 91.6 % — worse everywhere, also on
+  scenes without a shared colour: the detection and colour questions are what teach the model which
+  shape is which.
+- a world without shared colours (each object its own colour), all questions, 6000 steps in
+  49 min: caption 56.3 % (wrong shape names), colour 92.5 %, detection 100 %: with unique colours
+  "detect red circle" is answerable from the colour alone, so nothing teaches shapes any more.
+- centres >= 16 px apart horizontally (MIN_DX 16), 5600 steps, stopped at 4200 (teacher-forced
+  held-out caption 0.78 at step 4000, like the shipped recipe's 0.72-0.75 there).
 
 The result is a checkpoint directory in the published layout — sparse `config.json`,
 `model.safetensors` in bf16 under the hub's tensor names, `tokenizer.model`,

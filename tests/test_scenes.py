@@ -1,0 +1,76 @@
+"""The demo's synthetic world (refpg.scenes) keeps the promises its docstring makes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from refpg import scenes
+
+
+def test_a_seed_is_the_same_scene_every_time():
+    a, b = scenes.scene_for_seed(17), scenes.scene_for_seed(17)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.objects == b.objects
+
+
+@pytest.mark.parametrize("seed", range(0, 300, 7))
+def test_objects_are_distinct_on_the_grid_apart_and_left_to_right(seed):
+    scene = scenes.scene_for_seed(seed)
+    assert scene.image.size == (scenes.SIZE, scenes.SIZE)
+    kinds = [(c, s) for c, s, _ in scene.objects]
+    assert 1 <= len(kinds) <= 3 and len(set(kinds)) == len(kinds)
+    centres = []
+    for colour, shape, box in scene.objects:
+        assert colour in scenes.COLOURS and shape in scenes.SHAPES and box.label == f"{colour} {shape}"
+        assert all(v % scenes.GRID == 0 and 0 <= v <= scenes.SIZE for v in (box.x0, box.y0, box.x1, box.y1))
+        assert box.x1 - box.x0 == box.y1 - box.y0 in scenes.SHAPE_SIZES
+        centres.append((box.x0 + box.x1) / 2)
+    assert centres == sorted(centres) and all(b - a >= scenes.MIN_DX for a, b in zip(centres, centres[1:]))
+    boxes = [b for _, _, b in scene.objects]
+    for i, p in enumerate(boxes):
+        for q in boxes[:i]:
+            assert (p.x1 + scenes.GAP <= q.x0 or q.x1 + scenes.GAP <= p.x0
+                    or p.y1 + scenes.GAP <= q.y0 or q.y1 + scenes.GAP <= p.y0)
+
+
+@pytest.mark.parametrize("seed", range(0, 300, 29))
+def test_each_shape_is_drawn_inside_its_box_in_its_colour(seed):
+    scene = scenes.scene_for_seed(seed)
+    pixels = np.asarray(scene.image).astype(int)
+    covered = np.zeros(pixels.shape[:2], bool)
+    for colour, shape, box in scene.objects:
+        y0, x0, y1, x1 = (int(v) for v in (box.y0, box.x0, box.y1, box.x1))
+        covered[y0:y1, x0:x1] = True
+        cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+        centre = pixels[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3)   # inside every shape kind
+        assert np.abs(centre - scenes.COLOURS[colour]).max() <= 15, (colour, shape)  # up to its jitter
+    assert pixels[~covered].min() >= 150                                 # light background elsewhere
+
+
+def test_the_world_covers_every_colour_shape_count_and_size():
+    seen = Counter()
+    for seed in range(300):
+        scene = scenes.scene_for_seed(seed)
+        seen[len(scene.objects)] += 1
+        for colour, shape, box in scene.objects:
+            seen.update([colour, shape, int(box.x1 - box.x0)])
+        colours = [c for c, _, _ in scene.objects]
+        seen["two of one colour"] += len(set(colours)) < len(colours)
+    for thing in (1, 2, 3, *scenes.COLOURS, *scenes.SHAPES, *scenes.SHAPE_SIZES, "two of one colour"):
+        assert seen[thing] >= 30, thing
+
+
+def test_caption_and_questions_follow_the_objects():
+    for seed in range(50):
+        scene = scenes.scene_for_seed(seed)
+        qa = dict(scenes.tasks(scene))
+        names = [f"a {c} {s}" for c, s, _ in scene.objects]
+        assert qa[scenes.CAPTION] == (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
+        assert qa[scenes.COUNT] == scenes.NUMBERS[len(names)]
+        for shape in scenes.SHAPES:
+            owners = [c for c, s, _ in scene.objects if s == shape]
+            assert qa.get(scenes.colour_prompt(shape)) == (owners[0] if len(owners) == 1 else None)
+        for colour, shape, _ in scene.objects:
+            assert qa[scenes.detect_prompt(colour, shape)].endswith(f"> {colour} {shape}")
