@@ -172,6 +172,12 @@ def caption(scene: Scene) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def shares_a_colour(scene: Scene) -> bool:
+    """Whether two of the scene's objects have one colour (then only their shapes tell them apart)."""
+    colours = [colour for colour, _, _ in scene.objects]
+    return len(set(colours)) < len(colours)
+
+
 def tasks(scene: Scene) -> list[tuple[str, str]]:
     """Every (prompt, answer) the demo model is trained on, for this scene."""
     out = [(CAPTION, caption(scene)), (COUNT, NUMBERS[len(scene.objects)])]

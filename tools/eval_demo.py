@@ -61,8 +61,7 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
                     ok = text == answer
                 right[kind] += ok
                 if kind == "caption":
-                    colours = [c for c, _, _ in scene.objects]
-                    tally = same_colour.setdefault(len(set(colours)) < len(colours), [0, 0])
+                    tally = same_colour.setdefault(scenes.shares_a_colour(scene), [0, 0])
                     tally[0] += ok
                     tally[1] += 1
                 if not ok:
