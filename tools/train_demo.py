@@ -58,6 +58,9 @@ Tried and not shipped (eval_demo on 300 held-out scenes; each run ~45-50 min):
 - the vision tower's position embedding initialised as big_vision's sincos2d (otherwise the
   shipped recipe): stopped at step 3000, its loss plateau lasting longer (avg loss 0.42 vs 0.22 and
   teacher-forced detection 0.04 vs 0.57 at step 3000).
+- the caption's answer tokens weighted 3× in the loss (otherwise the shipped recipe, 11 000 steps):
+  a longer plateau (teacher-forced detection 0.02 at step 2000, 0.23 at 4000) and caption 79.3 %
+  (96.6 % / 18.2 % with a shared colour), counting 98.3 %, colour 96.4 %, detection 85.9 %.
 
 The result is a checkpoint directory in the published layout — sparse `config.json`,
 `model.safetensors` in bf16 under the hub's tensor names, `tokenizer.model`,
