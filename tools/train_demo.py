@@ -22,9 +22,8 @@ a rerun with the same thread count should write the same weights (not checked bi
 takes most of an hour; the first 60 steps gave identical losses on one and on two threads).
 
 The shipped weights are this script's defaults: 11 000 steps of 4 scenes (44 000 scenes) on two
-threads, 49.7 min at 14.8 scenes/s on this VM (whose pace has varied from 13 to 23 scenes/s
-for the same work), final loss
-0.026. tools/eval_demo.py on the weights: caption 88.7 %, counting 98.7 %, colour 99.7 %,
+threads, 49.7 min at 14.8 scenes/s on this VM (whose pace has varied from 13 to 23 scenes/s for
+the same work), final loss 0.026. tools/eval_demo.py on the weights: caption 88.7 %, counting 98.7 %, colour 99.7 %,
 detection 95.8 % (593/619 objects with IoU >= 0.7). The captions are right on 98.7 % of the scenes
 whose objects all differ in colour and on 53 % of those with two objects of one colour: there the
 model gives one of them the other's shape, or repeats or drops an object, however far apart they
@@ -39,7 +38,7 @@ plateau in half the scenes (avg loss 0.22 after 12 000 scenes vs 0.38); four key
 matters was not measured separately. The 4400-step, one-thread recipe before that gave caption
 71 %, detection 90 %.
 
-Tried and not shipped (eval_demo on 300 held-out scenes; each run ~45-50 min):
+Tried and not shipped (eval_demo on 300 held-out scenes; each full run 43-59 min):
 - three questions per image instead of all (caption, one detection, count or colour; 24 rows per
   step, 24 scenes/s) with 40 % of the training scenes drawn with two objects of one colour, 8000
   steps in 45 min: caption 84.0 %, colour 82.2 %, detection 91.6 % — worse everywhere, also on
@@ -52,7 +51,7 @@ Tried and not shipped (eval_demo on 300 held-out scenes; each run ~45-50 min):
   49 min: caption 56.3 % (wrong shape names), colour 92.5 %, detection 100 %: with unique colours
   "detect red circle" is answerable from the colour alone, so nothing teaches shapes any more.
 - centres >= 16 px apart horizontally (MIN_DX 16), 5600 steps, stopped at 4200 (teacher-forced
-  held-out caption 0.78 at step 4000, like the shipped recipe's 0.72-0.75 there).
+  held-out caption 0.78 at step 4000, like the previous recipe's 0.72-0.75 there).
 - peak learning rate 2e-3 (warmup 300) with 8 scenes per step and four key-value heads: stopped
   at step 2000, behind the previous recipe (1e-3) at every report (avg loss 0.26 vs 0.19 there).
 - the vision tower's position embedding initialised as big_vision's sincos2d (otherwise the
