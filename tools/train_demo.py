@@ -23,8 +23,8 @@ takes most of an hour; the first 60 steps gave identical losses on one and on tw
 
 The shipped weights are this script's defaults: 11 000 steps of 4 scenes (44 000 scenes) on two
 threads, 49.7 min at 14.8 scenes/s on this VM (whose pace has varied from 13 to 23 scenes/s for
-the same work), final loss 0.026. tools/eval_demo.py on the weights: caption 88.7 %, counting 98.7 %, colour 99.7 %,
-detection 95.8 % (593/619 objects with IoU >= 0.7). The captions are right on 98.7 % of the scenes
+the same work), final loss 0.026. tools/eval_demo.py on the weights: caption 88.7 %, counting
+98.7 %, colour 99.7 %, detection 95.8 % (593/619 objects with IoU >= 0.7). The captions are right on 98.7 % of the scenes
 whose objects all differ in colour and on 53 % of those with two objects of one colour: there the
 model gives one of them the other's shape, or repeats or drops an object, however far apart they
 are (errors at every centre distance from 8 to 44 px), i.e. it has not bound shape to place for
