@@ -105,9 +105,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
               f"panel {i + 1} of {args.out})")
         for prompt, _ in scenes.tasks(scene):
             t1 = time.perf_counter()
-            ids = model.generate(proc(images=[scene.image], prompts=[prompt]), max_new_tokens=20)
+            ids = model.generate(proc(images=[scene.image], prompts=[prompt]), max_new_tokens=24)
             answer = proc.decode(ids[0])
             print(f"  {prompt} \u2192 {answer}   ({(time.perf_counter() - t1) * 1000:.0f} ms)")
+            if scenes.task_kind(prompt) != "detect":
+                continue  # the picture shows each object's own detection ("detect red circle")
             for b in parse_detections(answer, scenes.SIZE, scenes.SIZE):
                 z = DEMO_ZOOM
                 drawn.append(Box(b.label, b.y0 * z, b.x0 * z + left, b.y1 * z, b.x1 * z + left))

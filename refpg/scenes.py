@@ -10,6 +10,7 @@ with its one canonical answer:
     detect red circle                  -> "<loc0128><loc0256><loc0512><loc0640> red circle"
     answer en how many shapes          -> "one" | "two" | "three"
     answer en what color is the square -> "blue"   (asked only of a shape kind present exactly once)
+    detect circle ; square ; triangle  -> "<loc…>×4 square ; <loc…>×4 circle"   (every object, left to right)
 
 Simplifications that make the world learnable by a model of a few million parameters:
 - every box edge lies on the 8-pixel grid of the vision tower's patches (so each detection
@@ -25,13 +26,13 @@ Depends on NumPy and Pillow only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-from refpg.detection import Box, format_detections
+from refpg.detection import Box, format_detections, iou, parse_detections
 
 SIZE = 64            # image side, pixels
 GRID = 8             # box edges are multiples of this (the vision tower's patch size)
@@ -49,11 +50,13 @@ COLOURS = {  # distinct hues, all far from the light, unsaturated backgrounds
     "purple": (135, 55, 175),
 }
 SHAPES = ("circle", "square", "triangle")
+IOU_RIGHT = 0.7      # a detected box counts as right from this IoU with the true box (and the right label)
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 # The prompts, in PaliGemma's formats.
 CAPTION = "caption en"
 COUNT = "answer en how many shapes"
+DETECT_ALL = "detect " + " ; ".join(SHAPES)  # PaliGemma's multi-class detection: every shape, labelled by kind
 
 
 def detect_prompt(colour: str, shape: str) -> str:
@@ -187,20 +190,39 @@ def tasks(scene: Scene) -> list[tuple[str, str]]:
             out.append((colour_prompt(shape), colours[0]))
     for colour, shape, box in scene.objects:
         out.append((detect_prompt(colour, shape), format_detections([box], SIZE, SIZE)))
+    out.append((DETECT_ALL, format_detections([replace(box, label=shape) for _, shape, box in scene.objects],
+                                              SIZE, SIZE)))
     return out
 
 
 def task_kind(prompt: str) -> str:
-    """"caption", "count", "colour" or "detect": which question a prompt asks."""
+    """"caption", "count", "colour", "detect" or "detect all": which question a prompt asks."""
     if prompt == CAPTION:
         return "caption"
     if prompt == COUNT:
         return "count"
     if prompt.startswith("answer en what color"):
         return "colour"
+    if prompt == DETECT_ALL:
+        return "detect all"
     if prompt.startswith("detect "):
         return "detect"
     raise ValueError(f"not a demo prompt: {prompt!r}")
+
+
+def is_right(prompt: str, expected: str, answer: str) -> bool:
+    """Whether `answer` is a right answer to `prompt`: the words exactly; for a detection, boxes with
+    the expected labels, in the expected order, each of IoU >= IOU_RIGHT with its true box (only
+    the first box is scored for a single object's detection: the model may add a second guess)."""
+    kind = task_kind(prompt)
+    if kind not in ("detect", "detect all"):
+        return answer == expected
+    truth = parse_detections(expected, SIZE, SIZE)
+    found = parse_detections(answer, SIZE, SIZE)
+    if kind == "detect":
+        found = found[:1]
+    return len(found) == len(truth) and all(f.label == t.label and iou(f, t) >= IOU_RIGHT
+                                            for f, t in zip(found, truth))
 
 
 def scene_for_seed(seed: int) -> Scene:

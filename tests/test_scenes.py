@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from refpg import scenes
+from refpg.detection import Box, format_detections, parse_detections
 
 
 def test_a_seed_is_the_same_scene_every_time():
@@ -76,3 +77,27 @@ def test_caption_and_questions_follow_the_objects():
             assert qa.get(scenes.colour_prompt(shape)) == (owners[0] if len(owners) == 1 else None)
         for colour, shape, _ in scene.objects:
             assert qa[scenes.detect_prompt(colour, shape)].endswith(f"> {colour} {shape}")
+        every = parse_detections(qa[scenes.DETECT_ALL], scenes.SIZE, scenes.SIZE)  # grid edges: exact round trip
+        assert [b.label for b in every] == [s for _, s, _ in scene.objects]    # left to right, by kind
+        for found, (_, _, box) in zip(every, scene.objects):                    # <loc1023> is 63.94 px, not 64
+            assert [found.y0, found.x0, found.y1, found.x1] == pytest.approx([box.y0, box.x0, box.y1, box.x1], abs=0.07)
+
+
+def test_is_right_scores_words_exactly_and_boxes_by_label_order_and_iou():
+    scene = next(sc for sc in map(scenes.scene_for_seed, range(100)) if len(sc.objects) == 3)
+    qa = dict(scenes.tasks(scene))
+    for prompt, expected in qa.items():
+        assert scenes.is_right(prompt, expected, expected)
+    assert not scenes.is_right(scenes.COUNT, "two", "two ")
+    colour, shape, box = scene.objects[0]
+    one = scenes.detect_prompt(colour, shape)
+    moved = Box(box.label, box.y0, box.x0 + 8, box.y1, box.x1 + 8)     # a cell to the right
+    shrunk = Box(box.label, box.y0, box.x0, box.y1, box.x1 - 1)        # IoU 1 - 1/width >= 0.96
+    assert scenes.is_right(one, qa[one], format_detections([shrunk], scenes.SIZE, scenes.SIZE))
+    assert not scenes.is_right(one, qa[one], format_detections([moved], scenes.SIZE, scenes.SIZE))  # IoU <= 0.6
+    assert not scenes.is_right(one, qa[one], qa[one].replace(shape, "hexagon"))
+    assert scenes.is_right(one, qa[one], qa[one] + " ; " + qa[one])     # a second guess is not scored
+    assert not scenes.is_right(one, qa[one], "")
+    every = qa[scenes.DETECT_ALL].split(" ; ")
+    assert not scenes.is_right(scenes.DETECT_ALL, qa[scenes.DETECT_ALL], " ; ".join(every[:2]))     # one missing
+    assert not scenes.is_right(scenes.DETECT_ALL, qa[scenes.DETECT_ALL], " ; ".join(every[::-1]))   # out of order
