@@ -14,7 +14,7 @@ Scenes 0–299 of refpg.scenes (training used seeds from 1000 up) are asked ever
     all boxes  fraction of scenes whose multi-class detection ("detect circle ; square ; triangle")
                lists every object, left to right, each with its shape and IoU >= 0.7
 
-    python tools/eval_demo.py                      # ~2-4 min on one thread
+    python tools/eval_demo.py                      # ~30 s on one thread
     python tools/eval_demo.py --model /tmp/demo --scenes 50 --show-errors 10
 """
 
@@ -65,7 +65,7 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
                     errors.append((prompt, answer, text))
     result = {NAMES[k]: right[k] / max(1, len(rows[k])) for k in rows}
     for k in rows:
-        what = {"detect": " objects with IoU >= 0.7", "detect all": " scenes with every object right"}.get(k, "")
+        what = {"detect": " objects right", "detect all": " scenes with every object right"}.get(k, "")
         log(f"{NAMES[k]:10s} {100 * result[NAMES[k]]:6.1f} %   ({right[k]}/{len(rows[k])}{what})")
     for shared, (ok, asked) in sorted(same_colour.items()):
         log(f"  caption, {'two objects of one colour' if shared else 'every object its own colour'}: "
