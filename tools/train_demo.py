@@ -34,18 +34,18 @@ though on 18 of the 21 scenes whose caption is wrong it lists the same objects l
 their shapes when asked `detect circle ; square ; triangle` — the caption has not learnt to use
 what that task knows.
 
-The multi-class detection task ("detect circle ; square ; triangle" -> every object's box, left
-to right, labelled by its shape alone) was added to teach the model to tell objects apart by place
-and shape rather than by colour; with it came one colour question per scene instead of all and
-9000 steps instead of 11 000, to stay within the hour (so this is not a clean ablation). The recipe
-before (all colour questions, 11 000 steps, 49.7 min) gave caption 88.7 % (98.7 % / 53.0 % with a shared colour), counting 98.7 %, colour 99.7 %,
-detection 95.8 % (label not checked then); the one before that — 8 scenes per step, 9600 steps, one
-key-value head (multi-query attention, as published PaliGemma 1) — caption 89.3 % (98.7 % / 56 %),
-counting 99.7 %, colour 100 %, detection 99.5 %, but took 87 min. Half the batch passes the early
-loss plateau in half the scenes (avg loss 0.22 after 12 000 scenes vs 0.38); four key-value heads
-add ~10 % to the decoder's matmuls (by the projection sizes; not timed). Which of the two changes
-matters was not measured separately. The 4400-step, one-thread recipe before that gave caption
-71 %, detection 90 %.
+The multi-class detection task ("detect circle ; square ; triangle" -> every object's box, left to
+right, labelled by its shape alone) was added to teach the model to tell objects apart by place and
+shape rather than by colour; with it came one colour question per scene instead of all and 9000
+steps instead of 11 000, to stay within the hour (so this is not a clean ablation). The recipe
+before (all colour questions, 11 000 steps, 49.7 min) gave caption 88.7 % (98.7 % / 53.0 % with a
+shared colour), counting 98.7 %, colour 99.7 %, detection 95.8 % (label not checked then); the one
+before that — 8 scenes per step, 9600 steps, one key-value head (multi-query attention, as published
+PaliGemma 1) — caption 89.3 % (98.7 % / 56 %), counting 99.7 %, colour 100 %, detection 99.5 %, but
+took 87 min. Half the batch passes the early loss plateau in half the scenes (avg loss 0.22 after 12
+000 scenes vs 0.38); four key-value heads add ~10 % to the decoder's matmuls (by the projection
+sizes; not timed). Which of the two changes matters was not measured separately. The 4400-step,
+one-thread recipe before that gave caption 71 %, detection 90 %.
 
 Tried and not shipped (eval_demo on 300 held-out scenes; each full run 43-59 min; all before the
 multi-class detection task):
