@@ -42,8 +42,8 @@ before (all colour questions, 11 000 steps, 49.7 min) gave caption 88.7 % (98.7 
 shared colour), counting 98.7 %, colour 99.7 %, detection 95.8 % (label not checked then); the one
 before that — 8 scenes per step, 9600 steps, one key-value head (multi-query attention, as published
 PaliGemma 1) — caption 89.3 % (98.7 % / 56 %), counting 99.7 %, colour 100 %, detection 99.5 %, but
-took 87 min. Half the batch passes the early loss plateau in half the scenes (avg loss 0.22 after 12
-000 scenes vs 0.38); four key-value heads add ~10 % to the decoder's matmuls (by the projection
+took 87 min. Half the batch passes the early loss plateau in half the scenes (avg loss 0.22 after
+12 000 scenes vs 0.38); four key-value heads add ~10 % to the decoder's matmuls (by the projection
 sizes; not timed). Which of the two changes matters was not measured separately. The 4400-step,
 one-thread recipe before that gave caption 71 %, detection 90 %.
 
