@@ -77,10 +77,10 @@ def test_caption_and_questions_follow_the_objects():
             assert qa.get(scenes.colour_prompt(shape)) == (owners[0] if len(owners) == 1 else None)
         for colour, shape, _ in scene.objects:
             assert qa[scenes.detect_prompt(colour, shape)].endswith(f"> {colour} {shape}")
-        every = parse_detections(qa[scenes.DETECT_ALL], scenes.SIZE, scenes.SIZE)  # grid edges: exact round trip
+        every = parse_detections(qa[scenes.DETECT_ALL], scenes.SIZE, scenes.SIZE)
         assert [b.label for b in every] == [s for _, s, _ in scene.objects]    # left to right, by kind
-        for found, (_, _, box) in zip(every, scene.objects):                    # <loc1023> is 63.94 px, not 64
-            assert [found.y0, found.x0, found.y1, found.x1] == pytest.approx([box.y0, box.x0, box.y1, box.x1], abs=0.07)
+        for found, (_, _, b) in zip(every, scene.objects):                      # <loc1023> is 63.94 px, not 64
+            assert [found.y0, found.x0, found.y1, found.x1] == pytest.approx([b.y0, b.x0, b.y1, b.x1], abs=0.07)
 
 
 def test_is_right_scores_words_exactly_and_boxes_by_label_order_and_iou():

@@ -220,10 +220,10 @@ def save_weights(model, out_dir: str) -> None:
 # ---------------------------------------------------------------- data
 
 
-def training_tasks(seed: int) -> list[tuple[str, str]]:
+def training_tasks(scene: scenes.Scene, seed: int) -> list[tuple[str, str]]:
     """The questions a training step asks about the scene of `seed`: all of them but the colour
     questions, of which one (picked by the seed) — the colour task is the easiest to learn."""
-    qa = scenes.tasks(scenes.scene_for_seed(seed))
+    qa = scenes.tasks(scene)
     colour = [t for t in qa if scenes.task_kind(t[0]) == "colour"]
     return [t for t in qa if scenes.task_kind(t[0]) != "colour" or t == colour[seed % len(colour)]]
 
@@ -234,7 +234,7 @@ def make_batch(proc: Processor, seeds) -> dict:
     images, prompts, answers, image_of_row = [], [], [], []
     for i, seed in enumerate(seeds):
         scene = scenes.scene_for_seed(seed)
-        for prompt, answer in training_tasks(seed):
+        for prompt, answer in training_tasks(scene, seed):
             images.append(scene.image)
             prompts.append(prompt)
             answers.append(answer)
@@ -277,7 +277,7 @@ def held_out_report(model, proc: Processor, seeds=range(300, 332)) -> str:
     import torch
 
     batch = make_batch(proc, seeds)
-    kinds = [scenes.task_kind(p) for seed in seeds for p, _ in training_tasks(seed)]
+    kinds = [scenes.task_kind(p) for seed in seeds for p, _ in training_tasks(scenes.scene_for_seed(seed), seed)]
     t = {k: torch.from_numpy(v) for k, v in batch.items()}
     model.eval()
     with torch.no_grad():
@@ -358,7 +358,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint directory to write (default {DEFAULT_OUT})")
     ap.add_argument("--steps", type=int, default=9000)
-    ap.add_argument("--images-per-step", type=int, default=4, help="scenes per step (each asked all its questions)")
+    ap.add_argument("--images-per-step", type=int, default=4, help="scenes per step (see training_tasks)")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.05)
