@@ -410,6 +410,7 @@ PYBIND11_MODULE(_C, m) {
     d["fma"] = f.fma;
     d["avx512f"] = f.avx512f;
     d["avx512bf16"] = f.avx512bf16;
+    d["amx_bf16"] = f.amx_bf16;
     return d;
   }, "SIMD features of this CPU, detected at run time (CPUID + XGETBV).");
   m.def("num_threads", &num_threads, "threads the kernels use");
@@ -418,7 +419,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- matmul / linear ------------------------------------------------------------------------
   m.def("simd_path", [] { return std::string(simd_path_name(simd_path())); },
-        "instruction set linear runs with: REFPG_SIMD (avx512 | avx2 | scalar) or the best of this CPU");
+        "instruction set linear runs with: REFPG_SIMD (amx | avx512 | avx2 | scalar) or the best of this CPU");
   m.def(
       "linear",
       [](const py::object& x_arg, const py::object& weight_arg, const py::object& bias_arg,

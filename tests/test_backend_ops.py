@@ -84,7 +84,11 @@ CASES = []
 for M, K, N in [(1, 1, 1), (1, 7, 3), (3, 17, 33), (1, 2048, 257), (4, 64, 100), (7, 127, 129),
                 (8, 1152, 72), (9, 1152, 72),  # cuda: the last GEMV row count and the first tensor-core one
                 (1, 16384, 40), (2, 4100, 1030),  # long rows (the down projection), odd widths
-                (16, 256, 513), (65, 33, 17), (266, 128, 96), (257, 300, 70), (300, 2048, 130)]:
+                (16, 256, 513), (65, 33, 17), (266, 128, 96), (257, 300, 70), (300, 2048, 130),
+                # amx: 16-row x tiles and 32-deep steps at their edges, depth blocks of 256, groups of
+                # 8 W blocks (256 rows) per thread, and x in chunks of 512 rows
+                (17, 31, 15), (32, 32, 32), (33, 257, 300), (48, 513, 17), (12, 16384, 40), (40, 600, 1000),
+                (513, 40, 33), (1030, 64, 70)]:
     for bf16 in (False, True):
         CASES.append(("linear", f"M{M}-K{K}-N{N}-{'bf16' if bf16 else 'f32'}", linear_case(M, K, N, bias=M % 2 == 1, bf16=bf16)))
 CASES.append(("linear", "batched-3d", linear_case(5, 24, 40, batch=(2,))))
@@ -134,16 +138,27 @@ def backend_param(be):
     return be
 
 
-# cpp runs twice: with the best SIMD path of this CPU, and forced to the portable scalar one.
+def simd_paths_here() -> dict[str, str | None]:
+    """Each instruction set cpp can be forced to (REFPG_SIMD) -> None, or why this CPU cannot run it."""
+    if "cpp" in backend.UNAVAILABLE:
+        return {path: "cpp not built" for path in SIMD_PATHS}
+    f = backend._C.cpu_features()
+    have = {"amx": f["amx_bf16"], "avx512": f["avx512f"], "avx2": f["avx2"] and f["fma"], "scalar": True}
+    return {path: None if have[path] else f"this CPU (or its OS) lacks {path}" for path in SIMD_PATHS}
+
+
+# cpp runs with the best path of this CPU, and once forced to each instruction set the CPU has.
+SIMD_PATHS = ("amx", "avx512", "avx2", "scalar")
 BACKEND_PATHS = [backend_param(b) for b in OTHER_BACKENDS] + [
-    pytest.param("cpp-scalar", marks=pytest.mark.skipif("cpp" in backend.UNAVAILABLE, reason="cpp not built"))]
+    pytest.param(f"cpp-{path}", marks=pytest.mark.skipif(why is not None, reason=why or ""))
+    for path, why in simd_paths_here().items()]
 
 
 @pytest.mark.parametrize("be", BACKEND_PATHS)
 @pytest.mark.parametrize("op,case,build", CASES, ids=[f"{op}-{case}" for op, case, _ in CASES])
 def test_op_matches_numpy_reference(be, op, case, build, monkeypatch):
-    if be == "cpp-scalar":
-        monkeypatch.setenv("REFPG_SIMD", "scalar")
+    if be.startswith("cpp-"):
+        monkeypatch.setenv("REFPG_SIMD", be[len("cpp-"):])
         be = "cpp"
     if be not in backend.OPS[op]:
         pytest.skip(f"{be} has no {op} kernel")
@@ -173,6 +188,83 @@ def test_linear_writes_only_inside_out():
     inside[2:9, 3:22] = True
     assert (buf[~inside] == 12345.0).all()
     assert backend.nmse(out, x @ w.T + b) < 1e-12
+
+
+@needs_cpp
+@pytest.mark.parametrize("M", [7, 40])  # the GEMV and the GEMM
+def test_linear_writes_only_inside_out_on_every_path(M, monkeypatch):
+    """Guard bands on each instruction set: `out` a view into a larger buffer, rows 36 floats apart."""
+    from refpg import _C
+
+    for path, why in simd_paths_here().items():
+        if why:
+            continue
+        monkeypatch.setenv("REFPG_SIMD", path)
+        x, w, b = randn(M, 300), f32_to_bf16(randn(37, 300)), randn(37)
+        buf = np.full((M + 4, 37 + 6), 12345.0, F32)
+        out = buf[2:M + 2, 3:40]
+        _C.linear(x, w, b, out=out)
+        inside = np.zeros(buf.shape, bool)
+        inside[2:M + 2, 3:40] = True
+        assert (buf[~inside] == 12345.0).all(), path
+        assert backend.nmse(out, backend.OPS["linear"]["numpy"](x, w, b)) < 1e-9, path
+
+
+@needs_cpp
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32-weights", "bf16-weights"])
+def test_linear_gemm_is_float32_accurate_on_every_path(bf16, monkeypatch):
+    """The op table's bound (5e-7) leaves room for bf16 rounding; this holds each path to float32-
+    grade accuracy against float64: NMSE <= 1e-10. AMX splits every float32 operand into two bf16
+    parts (measured ~3e-12 with bf16 weights, ~1e-11 with float32 ones); FMA paths give ~1e-13."""
+    from refpg import _C
+    from refpg.ops import bf16_to_f32
+
+    x = randn(70, 2500)
+    w = randn(300, 2500, scale=2500 ** -0.5)
+    if bf16:
+        w = f32_to_bf16(w)
+    exact = x.astype(np.float64) @ (bf16_to_f32(w) if bf16 else w).astype(np.float64).T
+    for path, why in simd_paths_here().items():
+        if why:
+            continue
+        monkeypatch.setenv("REFPG_SIMD", path)
+        err = backend.nmse(_C.linear(x, w), exact)
+        assert err <= 1e-10, f"{path}: NMSE {err:.1e}"
+
+
+@needs_cpp
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32-weights", "bf16-weights"])
+@pytest.mark.parametrize("M", [3, 40])
+def test_linear_propagates_inf_and_nan_like_numpy(M, bf16, monkeypatch):
+    """inf, NaN (and values beyond bf16's range) in x or W come out as float32 makes them on every
+    path — AMX hands such calls to its float32 FMA fallback."""
+    from refpg import _C
+    from refpg.ops import bf16_to_f32
+
+    x = randn(M, 70)
+    w = np.abs(randn(50, 70)) + F32(0.5)  # positive: inf times a row of W stays inf
+    x[1, 5], x[2, 9] = np.inf, np.nan
+    cases = [("x", x, w)]
+    w_bad = w.copy()
+    w_bad[7, 3] = -np.inf
+    cases.append(("W", np.abs(randn(M, 70)), w_bad))
+    if not bf16:
+        x_big = randn(M, 70)
+        x_big[0, 0] = 3.4e38  # finite in float32, inf in bf16
+        cases.append(("x beyond bf16", x_big, w * F32(1e-38)))
+    for path, why in simd_paths_here().items():
+        if why:
+            continue
+        monkeypatch.setenv("REFPG_SIMD", path)
+        for what, xs, ws in cases:
+            wk = f32_to_bf16(ws) if bf16 else ws
+            ref = xs @ (bf16_to_f32(wk) if bf16 else wk).T
+            out = _C.linear(xs, wk)
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(ref), err_msg=f"{path}, {what}: NaN pattern")
+            np.testing.assert_array_equal(np.isinf(out), np.isinf(ref), err_msg=f"{path}, {what}: inf pattern")
+            finite = np.isfinite(ref)
+            np.testing.assert_array_equal(np.sign(out[~finite & ~np.isnan(ref)]), np.sign(ref[~finite & ~np.isnan(ref)]))
+            assert backend.nmse(out[finite], ref[finite]) < 1e-9, f"{path}, {what}"
 
 
 @needs_cpp

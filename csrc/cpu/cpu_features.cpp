@@ -3,10 +3,24 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace refpg {
 
 namespace {
+
+// Linux enables tile data (8 KB of state per thread) only for processes that ask for it.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -24,7 +38,10 @@ CpuFeatures detect() {
   f.avx2 = ymm_state && (b & (1u << 5));
   f.fma = f.fma && ymm_state;
   f.avx512f = zmm_state && (b & (1u << 16));
+  const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
+  const bool tile_state = (xcr0_lo & 0x60000) == 0x60000;     // XTILECFG + XTILEDATA
   if (f.avx512f && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512bf16 = a & (1u << 5);
+  f.amx_bf16 = f.avx512bf16 && amx_cpu && tile_state && amx_permitted();
 #endif
   return f;
 }

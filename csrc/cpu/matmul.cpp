@@ -17,8 +17,10 @@
 //    packed x in L2. Edge tiles run on a local MR x NR tile and copy out the valid part.
 // Nothing outside the caller's arrays is read or written, whatever M, N, K.
 // Instruction sets: Scalar (portable C++, 4x16 tiles), Avx2 (+FMA, 6x16), Avx512 (AVX-512F, 6x32),
-// each a struct with the kernels `tile`, `pack_w` and `dots`; the drivers are shared.
+// each a struct with the kernels `tile`, `pack_w` and `dots`; the drivers are shared. On CPUs with
+// AMX the prefill GEMM runs on bf16 tiles instead (matmul_amx.cpp), the GEMV on Avx512.
 #include "cpu/matmul.h"
+#include "cpu/matmul_amx.h"
 
 #include <immintrin.h>
 
@@ -459,9 +461,8 @@ SimdPath simd_path() {
   const bool avx2 = f.avx2 && f.fma;
   const char* env = std::getenv("REFPG_SIMD");
   const std::string want = env ? env : "";
-  // The AVX-512 path has not yet run on an AVX-512 CPU (none was at hand when it was written): until
-  // it has passed tests/test_backend_ops.py there with REFPG_SIMD=avx512, it is opt-in.
-  if (want.empty() || want == "auto") return avx2 ? SimdPath::Avx2 : SimdPath::Scalar;
+  if (want.empty() || want == "auto")
+    return f.amx_bf16 ? SimdPath::Amx : f.avx512f ? SimdPath::Avx512 : avx2 ? SimdPath::Avx2 : SimdPath::Scalar;
   if (want == "scalar") return SimdPath::Scalar;
   if (want == "avx2") {
     if (!avx2) throw std::runtime_error("REFPG_SIMD=avx2, but this CPU lacks AVX2 or FMA");
@@ -471,7 +472,12 @@ SimdPath simd_path() {
     if (!f.avx512f) throw std::runtime_error("REFPG_SIMD=avx512, but this CPU lacks AVX-512F");
     return SimdPath::Avx512;
   }
-  throw std::invalid_argument("REFPG_SIMD must be avx512, avx2, scalar or auto, got '" + want + "'");
+  if (want == "amx") {
+    if (!f.amx_bf16)
+      throw std::runtime_error("REFPG_SIMD=amx, but this CPU (or its OS) offers no AMX-BF16 with AVX-512 BF16");
+    return SimdPath::Amx;
+  }
+  throw std::invalid_argument("REFPG_SIMD must be amx, avx512, avx2, scalar or auto, got '" + want + "'");
 }
 
 const char* simd_path_name(SimdPath path) {
@@ -479,6 +485,7 @@ const char* simd_path_name(SimdPath path) {
     case SimdPath::Scalar: return "scalar";
     case SimdPath::Avx2: return "avx2";
     case SimdPath::Avx512: return "avx512";
+    case SimdPath::Amx: return "amx";
   }
   return "?";
 }
@@ -494,6 +501,9 @@ void linear(const LinearArgs& p, SimdPath path) {
     case SimdPath::Scalar: return linear_with<Scalar>(p);
     case SimdPath::Avx2: return linear_with<Avx2>(p);
     case SimdPath::Avx512: return linear_with<Avx512>(p);
+    case SimdPath::Amx:  // the GEMV is memory bound: AVX-512 reads W as fast
+      if (p.M <= kGemvMaxRows || !linear_amx(p)) linear_with<Avx512>(p);
+      return;
   }
 }
 

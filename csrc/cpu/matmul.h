@@ -5,10 +5,11 @@
 
 namespace refpg {
 
-// The instruction set linear runs with. REFPG_SIMD=avx512|avx2|scalar forces one; unset (or
-// "auto") takes the best this CPU has. Throws std::invalid_argument for an unknown value and
-// std::runtime_error when the forced path cannot run on this CPU.
-enum class SimdPath { Scalar, Avx2, Avx512 };
+// The instruction set linear runs with. REFPG_SIMD=amx|avx512|avx2|scalar forces one; unset (or
+// "auto") takes the best this CPU has. Amx: AMX tiles for the GEMM (more than 8 rows), AVX-512 for
+// the GEMV. Throws std::invalid_argument for an unknown value and std::runtime_error when the
+// forced path cannot run on this CPU.
+enum class SimdPath { Scalar, Avx2, Avx512, Amx };
 SimdPath simd_path();
 const char* simd_path_name(SimdPath path);
 
