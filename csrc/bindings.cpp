@@ -683,10 +683,10 @@ PYBIND11_MODULE(_C, m) {
                                  mask ? static_cast<const uint8_t*>(mask->data()) : nullptr,
                                  mask ? elem_stride(*mask, 0) : 0, mask ? elem_stride(*mask, 1) : 0,
                                  out.mutable_data(), B, T, S, H, KV, hd, scale, cap};
-        const bool avx2 = Arg::avx2();
+        const SimdPath path = simd_path();
         {
           py::gil_scoped_release unlocked;
-          attention(args, avx2);
+          attention(args, path);
         }
         return out;
       },

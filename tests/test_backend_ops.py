@@ -120,6 +120,11 @@ for args in [
     dict(B=1, T=3, S=50, H=2, KV=1, hd=512, softcap=30.0),  # the widest head the kernels take
     dict(B=2, T=2, S=300, H=2, KV=1, hd=33, mask="blind"),  # cuda: a query blind to all keys, split-KV
     dict(B=1, T=6, S=70, H=1, KV=1, hd=1, mask="blind"),  # the same in the prefill kernel, hd 1
+    # cpp: prefill as two GEMMs from 32 query rows (per kv head) and 32 keys on, 512 rows per pass
+    dict(B=2, T=9, S=40, H=8, KV=2, hd=33, mask="sliding", max_len=50),  # GQA 4, strided cache, odd hd
+    dict(B=1, T=70, S=70, H=8, KV=1, hd=64),  # 560 rows: two passes
+    dict(B=1, T=40, S=40, H=2, KV=1, hd=16, softcap=50.0, mask="blind"),
+    dict(B=1, T=32, S=32, H=1, KV=1, hd=8, mask="random"),
 ]:
     name = "-".join(f"{k}{v}" for k, v in args.items())
     CASES.append(("attention", name, attention_case(**args)))

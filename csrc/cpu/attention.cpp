@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/activations.h"
+#include "cpu/matmul.h"
 #include "cpu/threadpool.h"
 
 #define REFPG_AVX2 __attribute__((target("avx2,fma")))
@@ -19,6 +20,8 @@ namespace {
 constexpr int kMaxTile = 4;                   // query rows per tile
 constexpr int64_t kMinParallelFma = 1 << 16;  // less work per tile than this: several tiles per chunk
 constexpr int64_t kChunk = 16;                // value rows summed per pass over hd
+constexpr int64_t kMinGemmRows = 32;  // query rows (and keys) from which prefill runs as two GEMMs
+constexpr int64_t kGemmRows = 512;    // query rows per pair of GEMMs (bounds the scores buffer)
 constexpr float kMasked = std::numeric_limits<float>::lowest();  // exp(kMasked − max) is 0, not NaN
 
 // Up to kMaxTile query rows sharing the kv head whose first key and value rows are k and v.
@@ -153,16 +156,18 @@ REFPG_AVX2 void weighted_sum_avx2(const Tile& tile, const float* p, int64_t v_s,
     }
 }
 
-// Scores [rows, S] -> probabilities, in place: soft-cap, mask, softmax, row by row.
+// One row of scores [S] -> probabilities, in place: soft-cap, mask (null: every key), softmax.
+void probabilities_row(float* row, const uint8_t* mask, const AttentionArgs& a, bool avx2) {
+  if (a.softcap != 0.0f) softcap_row(row, row, a.S, a.softcap, avx2);
+  if (mask)
+    for (int64_t s = 0; s < a.S; ++s)
+      if (!mask[s]) row[s] = kMasked;
+  softmax_row(row, row, a.S, avx2);
+}
+
+// Scores [rows, S] -> probabilities, in place, row by row.
 void probabilities(const Tile& tile, const AttentionArgs& a, float* scores, bool avx2) {
-  for (int i = 0; i < tile.rows; ++i) {
-    float* row = scores + i * a.S;
-    if (a.softcap != 0.0f) softcap_row(row, row, a.S, a.softcap, avx2);
-    if (tile.mask[i])
-      for (int64_t s = 0; s < a.S; ++s)
-        if (!tile.mask[i][s]) row[s] = kMasked;
-    softmax_row(row, row, a.S, avx2);
-  }
+  for (int i = 0; i < tile.rows; ++i) probabilities_row(scores + i * a.S, tile.mask[i], a, avx2);
 }
 
 template <int M>
@@ -213,10 +218,59 @@ int64_t tile_rows_for(const AttentionArgs& a) {
   return std::clamp<int64_t>(rows / want_tiles_per_outer, 1, kMaxTile);
 }
 
+// Prefill: per batch row and kv head, the query rows of its heads in chunks of kGemmRows, as two
+// matrix products on the linear kernels — scores = q . k^T, then out = p . v — with the soft-cap,
+// mask and softmax in between. k and v are first copied (v transposed) into contiguous matrices,
+// since linear reads its weight rows packed; q rows are gathered and out rows scattered likewise.
+void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
+  const bool avx2 = path != SimdPath::Scalar;
+  const int64_t group = a.H / a.KV, rows = a.T * group, chunk = std::min(rows, kGemmRows);
+  std::vector<float> k(a.S * a.hd), vt(a.hd * a.S), q(chunk * a.hd), p(chunk * a.S), o(chunk * a.hd);
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t kv = 0; kv < a.KV; ++kv) {
+      parallel_for(a.S, 64, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+          const float* key = a.k + b * a.k_b + s * a.k_s + kv * a.hd;
+          const float* value = a.v + b * a.v_b + s * a.v_s + kv * a.hd;
+          std::copy(key, key + a.hd, k.data() + s * a.hd);
+          for (int64_t d = 0; d < a.hd; ++d) vt[d * a.S + s] = value[d];
+        }
+      });
+      for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        const int64_t n = std::min(chunk, rows - r0);
+        auto row_of = [&](int64_t r, int64_t* t, int64_t* h) { *t = (r0 + r) / group, *h = kv * group + (r0 + r) % group; };
+        for (int64_t r = 0; r < n; ++r) {
+          int64_t t, h;
+          row_of(r, &t, &h);
+          const float* src = a.q + b * a.q_b + t * a.q_t + h * a.hd;
+          std::copy(src, src + a.hd, q.data() + r * a.hd);
+        }
+        linear({q.data(), a.hd, k.data(), false, nullptr, p.data(), a.S, n, a.S, a.hd}, path);
+        parallel_for(n, 8, [&](int64_t i0, int64_t i1) {
+          for (int64_t r = i0; r < i1; ++r) {
+            int64_t t, h;
+            row_of(r, &t, &h);
+            float* row = p.data() + r * a.S;
+            for (int64_t s = 0; s < a.S; ++s) row[s] *= a.scale;
+            probabilities_row(row, a.mask ? a.mask + b * a.m_b + t * a.m_t : nullptr, a, avx2);
+          }
+        });
+        linear({p.data(), a.S, vt.data(), false, nullptr, o.data(), a.hd, n, a.hd, a.S}, path);
+        for (int64_t r = 0; r < n; ++r) {
+          int64_t t, h;
+          row_of(r, &t, &h);
+          std::copy(o.data() + r * a.hd, o.data() + (r + 1) * a.hd, a.out + ((b * a.T + t) * a.H + h) * a.hd);
+        }
+      }
+    }
+}
+
 }  // namespace
 
-void attention(const AttentionArgs& a, bool avx2) {
+void attention(const AttentionArgs& a, SimdPath path) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return;
+  if (a.T * (a.H / a.KV) >= kMinGemmRows && a.S >= kMinGemmRows) return attention_by_gemm(a, path);
+  const bool avx2 = path != SimdPath::Scalar;
   const int64_t tile_rows = tile_rows_for(a);
   const int64_t tiles = (a.T * (a.H / a.KV) + tile_rows - 1) / tile_rows;
   const int64_t fma_per_tile = 2 * tile_rows * a.S * std::max<int64_t>(a.hd, 1);

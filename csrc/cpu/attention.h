@@ -17,6 +17,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/matmul.h"
+
 namespace refpg {
 
 struct AttentionArgs {
@@ -34,7 +36,8 @@ struct AttentionArgs {
   float softcap;         // 0: no soft-cap
 };
 
-// Runs on the threadpool; call without the GIL.
-void attention(const AttentionArgs& args, bool avx2);
+// Runs on the threadpool; call without the GIL. `path`: the instruction set (linear's for the
+// prefill GEMMs; AVX2 or scalar for the rest).
+void attention(const AttentionArgs& args, SimdPath path);
 
 }  // namespace refpg
