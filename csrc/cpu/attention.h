@@ -3,6 +3,10 @@
 //     score[s] = softcap((q[b,t,h] · k[b,s,kv]) · scale), or the most negative float where
 //                mask[b,t,s] is false (a query that sees no key then averages all of v, never NaN)
 //     out[b,t,h] = Σ_s softmax(score)[s] · v[b,s,kv]
+// Prefill (32 or more query rows per kv head, 32 or more keys) runs as two matrix products on the
+// linear kernels (AMX / AVX-512 / AVX2 GEMM): scores = q . k^T for up to 512 query rows at a time,
+// then per row soft-cap, mask and softmax, then out = p . v (k and v copied to contiguous matrices
+// first, v transposed). Decode and other small calls run the fused tiles below.
 // Work unit: a tile of up to 4 query rows that share a kv head — the heads of one GQA group for a
 // token, or consecutive tokens when each head has its own kv head — so every key and value row
 // loaded serves the whole tile. Per tile: scores [rows, S] into per-thread scratch (AVX2 dot
