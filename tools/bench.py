@@ -2,7 +2,7 @@
 """Benchmark refpg on real PaliGemma shapes (random weights), side by side in one run.
 
 Per op (the shapes one layer uses) and end to end — image encode, prefill of 256 image + 10 prompt
-tokens, per-token decode — for: refpg numpy, refpg cpp with fp32 weights, refpg cpp with bf16
+tokens, per-token decode, and what a short answer costs (prefill + 10 × decode, derived) — for: refpg numpy, refpg cpp with fp32 weights, refpg cpp with bf16
 weights, and transformers on torch CPU (fp32 and bf16) when installed. Decode is also compared with
 its memory-bandwidth roofline: the bytes of weights one token reads ÷ the measured read bandwidth.
 
@@ -39,6 +39,8 @@ from refpg.ops import f32_to_bf16  # noqa: E402
 from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, VisionWeights, Weights  # noqa: E402
 
 PROMPT_TOKENS = 10
+ANSWER_TOKENS = 10  # a short caption
+ANSWER = f"answer: prefill + {ANSWER_TOKENS} tokens"
 
 
 SHAPES = {
@@ -130,7 +132,7 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
     x = np.ones((4096, 1), np.float32)
     bw = max(w.nbytes / best_of(lambda: w @ x, 3), 0.0)
     if backend._C is not None and hasattr(backend._C, "linear"):
-        w16 = np.zeros((nbytes // 2 // 4096, 4096), np.uint16)
+        w16 = np.full((nbytes // 2 // 4096, 4096), 0x3f00, np.uint16)  # written: np.zeros pages would all map to one
         bw = max(bw, w16.nbytes / best_of(lambda: backend._C.linear(x.T.copy(), w16), 3))
     return bw
 
@@ -338,7 +340,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     print(f"{os.cpu_count()} CPUs, threads per library: {args.threads or 'default'}; numpy {np.__version__}; refpg._C: "
-          f"{'threads ' + str(backend._C.num_threads()) if backend._C else 'not built'}")
+          f"{'threads ' + str(backend._C.num_threads()) + ', linear on ' + backend._C.simd_path() if backend._C else 'not built'}")
     if not args.skip_ops:
         print("\nper op (one layer's shapes), best of", args.repeat)
         print(f"{'':44s} {'numpy':>10s} {'cpp':>10s} {'speedup':>8s} {'cuda':>10s} {'speedup':>8s}")
@@ -375,17 +377,19 @@ def main(argv=None) -> None:
         except ImportError:
             print("(transformers/torch not installed: skipped)")
 
+    for t in runs.values():  # derived: what answering a short prompt costs
+        t[ANSWER] = t["prefill (image + prompt)"] + ANSWER_TOKENS * t["decode, per token"]
     print(f"\nend to end, {args.shape} shapes with {args.vision_layers}/27 vision and {args.text_layers}/{full_text} "
           f"text layers (full LM head), {cfg.num_image_tokens} image + {PROMPT_TOKENS} prompt tokens, best of {args.repeat}")
     names = list(runs)
-    print(f"{'':28s}" + "".join(f"{n:>20s}" for n in names))
-    for stage in ("image encode", "prefill (image + prompt)", "decode, per token"):
-        print(f"{stage:28s}" + "".join(f"{runs[n][stage] * 1e3:17.1f} ms" for n in names))
+    print(f"{'':32s}" + "".join(f"{n:>26s}" for n in names))
+    for stage in ("image encode", "prefill (image + prompt)", "decode, per token", ANSWER):
+        print(f"{stage:32s}" + "".join(f"{runs[n][stage] * 1e3:23.1f} ms" for n in names))
     for base in ("refpg numpy", "torch bf16"):
         if base in runs:
-            print(f"speedup over {base:15s}" + "".join(
-                f"{' / '.join(f'{runs[base][st] / runs[n][st]:.2f}' for st in runs[n]):>20s}" for n in names))
-    print("(speedups: image encode / prefill / decode; > 1 is faster)")
+            print(f"speedup over {base:19s}" + "".join(
+                f"{' / '.join(f'{runs[base][st] / runs[n][st]:.2f}' for st in runs[n]):>26s}" for n in names))
+    print(f"(speedups: image encode / prefill / decode / {ANSWER}; > 1 is faster)")
 
     if have_cuda:
         hbm = device_bandwidth()

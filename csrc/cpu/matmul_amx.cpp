@@ -267,10 +267,9 @@ REFPG_AVX512BF16 void transpose16_store(const float* src, float* dst, int64_t ld
 // Threads share out the 32-row W blocks (contiguous ranges: each streams its part of W). A thread
 // takes kSuper of its blocks at a time (a group) and walks depth in blocks of kBlockSteps k steps;
 // for every pair of x blocks it runs each W block of the group. Partial sums wait in a per-thread
-// buffer of C tiles and go to y, transposed, after the last depth block. Meanwhile, a few rows
-// after each register block, the W panels of the next (group, depth block) are packed, and the W
-// rows of the one after are prefetched into L2: the rows are short runs far apart, which the
-// hardware prefetchers do not foresee, and packed straight from memory they stall on latency.
+// buffer of C tiles and go to y, transposed, after the last depth block. The W panels of a (group,
+// depth block) are packed just before its tile products (measured: interleaving the packing of the
+// next panels with the products, or prefetching W rows into L2 ahead, made it no faster).
 template <class Wt>
 class AmxGemm {
   static constexpr bool kLo = !std::is_same_v<Wt, uint16_t>;  // float32 W: hi and lo parts
@@ -308,10 +307,10 @@ class AmxGemm {
 
   uint16_t* x_block(int64_t mb) const { return xp_ + mb * steps_ * 2 * kTileElems; }
 
-  // Rows [r0, r1) of the item's W blocks -> its panels (one per W block, steps * kPanelPerStep).
-  void pack(const Item& it, int64_t r0, int64_t r1, uint16_t* panels) {
+  // The item's W blocks -> its panels (one per W block, steps * kPanelPerStep).
+  void pack(const Item& it, uint16_t* panels) {
     bool finite = true;
-    for (int64_t q = r0; q < r1; ++q) {
+    for (int64_t q = 0; q < it.rows(); ++q) {
       const int64_t i = q / kWRows;
       finite &= pack_w_row(p_, w_, (it.b + i) * kWRows, q % kWRows, it.s0 * kStep, it.steps,
                            panels + i * it.steps * kPanelPerStep);
@@ -319,65 +318,35 @@ class AmxGemm {
     if (!finite) finite_ = false;
   }
 
-  // Rows [r0, r1) of the item's W blocks -> L2.
-  void prefetch(const Item& it, int64_t r0, int64_t r1) const {
-    constexpr int64_t kLine = 64 / sizeof(Wt);
-    const int64_t k0 = it.s0 * kStep, depth = std::min(it.steps * kStep, p_.K - k0);
-    for (int64_t q = r0; q < r1; ++q) {
-      const int64_t n = it.b * kWRows + q;
-      if (n >= p_.N) return;
-      const char* row = reinterpret_cast<const char*>(w_ + n * p_.K + k0);
-      for (int64_t k = 0; k < depth; k += kLine) _mm_prefetch(row + k * sizeof(Wt), _MM_HINT_T1);
-    }
-  }
-
   // y[:, 32 b : 32 e] = x . W[those rows]^T (+ bias)
   void blocks(int64_t b, int64_t e) {
-    std::vector<Item> items;
-    for (int64_t g = b; g < e; g += kSuper)
-      for (int64_t s0 = 0; s0 < steps_; s0 += kBlockSteps)
-        items.push_back({g, std::min(e, g + kSuper), s0, std::min(kBlockSteps, steps_ - s0)});
-    thread_local std::vector<uint16_t> panels[2];
+    thread_local std::vector<uint16_t> panels;
     thread_local std::vector<float, AlignedAllocator<float>> sums;
+    panels.resize(kSuper * kBlockSteps * kPanelPerStep);
     sums.resize(kSuper * m_pairs_ * 4 * kC);
-    const int64_t panels_size = kSuper * kBlockSteps * kPanelPerStep;
-    panels[0].resize(panels_size);
-    panels[1].resize(panels_size);
-    if (items.size() > 1) prefetch(items[1], 0, items[1].rows());
-    pack(items[0], 0, items[0].rows(), panels[0].data());
-    for (size_t n = 0; n < items.size(); ++n) {
-      const Item& it = items[n];
-      const uint16_t* cur = panels[n % 2].data();
-      const Item* next = n + 1 < items.size() ? &items[n + 1] : nullptr;
-      const Item* later = n + 2 < items.size() ? &items[n + 2] : nullptr;
-      uint16_t* ahead = panels[(n + 1) % 2].data();
-      const int64_t ahead_rows = next ? next->rows() : 0, later_rows = later ? later->rows() : 0;
-      const int64_t calls = m_pairs_ * (it.e - it.b);
-      int64_t packed = 0, fetched = 0, call = 0;
-      const bool first = it.s0 == 0, last = it.s0 + it.steps == steps_;
-      for (int64_t mp = 0; mp < m_pairs_; ++mp) {
-        const int64_t mb = 2 * mp;
-        const uint16_t* x0 = x_block(mb) + it.s0 * 2 * kTileElems;
-        const bool pair = mb + 1 < m_blocks_;
-        const uint16_t* x1 = pair ? x_block(mb + 1) + it.s0 * 2 * kTileElems : nullptr;
-        for (int64_t i = 0; i < it.e - it.b; ++i) {
-          float* c = sums.data() + (i * m_pairs_ + mp) * 4 * kC;
-          const uint16_t* w = cur + i * it.steps * kPanelPerStep;
-          if (pair)
-            block_kernel<2, kLo>(w, x0, x1, it.steps, c, first);
-          else
-            block_kernel<1, kLo>(w, x0, x1, it.steps, c, first);
-          if (last) store(c, (it.b + i) * kWRows, mb, pair ? 2 : 1);
-          ++call;
-          const int64_t pack_upto = ahead_rows * call / calls, fetch_upto = later_rows * call / calls;
-          if (next) pack(*next, packed, pack_upto, ahead);
-          if (later) prefetch(*later, fetched, fetch_upto);
-          packed = pack_upto;
-          fetched = fetch_upto;
+    for (int64_t g = b; g < e; g += kSuper)
+      for (int64_t s0 = 0; s0 < steps_; s0 += kBlockSteps) {
+        const Item it{g, std::min(e, g + kSuper), s0, std::min(kBlockSteps, steps_ - s0)};
+        pack(it, panels.data());
+        const bool first = it.s0 == 0, last = it.s0 + it.steps == steps_;
+        for (int64_t mp = 0; mp < m_pairs_; ++mp) {
+          const int64_t mb = 2 * mp;
+          const uint16_t* x0 = x_block(mb) + it.s0 * 2 * kTileElems;
+          const bool pair = mb + 1 < m_blocks_;
+          const uint16_t* x1 = pair ? x_block(mb + 1) + it.s0 * 2 * kTileElems : nullptr;
+          for (int64_t i = 0; i < it.e - it.b; ++i) {
+            float* c = sums.data() + (i * m_pairs_ + mp) * 4 * kC;
+            const uint16_t* w = panels.data() + i * it.steps * kPanelPerStep;
+            if (pair)
+              block_kernel<2, kLo>(w, x0, x1, it.steps, c, first);
+            else
+              block_kernel<1, kLo>(w, x0, x1, it.steps, c, first);
+            if (last) store(c, (it.b + i) * kWRows, mb, pair ? 2 : 1);
+          }
         }
       }
-    }
   }
+
 
   // C tiles [4][16 W rows][16 x rows] of W rows n0.., x blocks mb.. -> y (transposed, + bias).
   void store(const float* c, int64_t n0, int64_t mb, int MB) {
