@@ -225,9 +225,12 @@ int64_t tile_rows_for(const AttentionArgs& a) {
 void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
   const bool avx2 = path != SimdPath::Scalar;
   const int64_t group = a.H / a.KV, rows = a.T * group, chunk = std::min(rows, kGemmRows);
-  std::vector<float> k(a.S * a.hd), vt(a.hd * a.S), q(chunk * a.hd), p(chunk * a.S), o(chunk * a.hd);
-  for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t kv = 0; kv < a.KV; ++kv) {
+  // One (batch row, kv head) per thread, its products then on that thread; with one in all (MQA),
+  // the products spread over the threads instead.
+  parallel_for(a.B * a.KV, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> k(a.S * a.hd), vt(a.hd * a.S), q(chunk * a.hd), p(chunk * a.S), o(chunk * a.hd);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / a.KV, kv = u % a.KV;
       parallel_for(a.S, 64, [&](int64_t s0, int64_t s1) {
         for (int64_t s = s0; s < s1; ++s) {
           const float* key = a.k + b * a.k_b + s * a.k_s + kv * a.hd;
@@ -238,31 +241,26 @@ void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
       });
       for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
         const int64_t n = std::min(chunk, rows - r0);
-        auto row_of = [&](int64_t r, int64_t* t, int64_t* h) { *t = (r0 + r) / group, *h = kv * group + (r0 + r) % group; };
+        auto token = [&](int64_t r) { return (r0 + r) / group; };
+        auto head = [&](int64_t r) { return kv * group + (r0 + r) % group; };
         for (int64_t r = 0; r < n; ++r) {
-          int64_t t, h;
-          row_of(r, &t, &h);
-          const float* src = a.q + b * a.q_b + t * a.q_t + h * a.hd;
+          const float* src = a.q + b * a.q_b + token(r) * a.q_t + head(r) * a.hd;
           std::copy(src, src + a.hd, q.data() + r * a.hd);
         }
         linear({q.data(), a.hd, k.data(), false, nullptr, p.data(), a.S, n, a.S, a.hd}, path);
         parallel_for(n, 8, [&](int64_t i0, int64_t i1) {
           for (int64_t r = i0; r < i1; ++r) {
-            int64_t t, h;
-            row_of(r, &t, &h);
             float* row = p.data() + r * a.S;
             for (int64_t s = 0; s < a.S; ++s) row[s] *= a.scale;
-            probabilities_row(row, a.mask ? a.mask + b * a.m_b + t * a.m_t : nullptr, a, avx2);
+            probabilities_row(row, a.mask ? a.mask + b * a.m_b + token(r) * a.m_t : nullptr, a, avx2);
           }
         });
         linear({p.data(), a.S, vt.data(), false, nullptr, o.data(), a.hd, n, a.hd, a.S}, path);
-        for (int64_t r = 0; r < n; ++r) {
-          int64_t t, h;
-          row_of(r, &t, &h);
-          std::copy(o.data() + r * a.hd, o.data() + (r + 1) * a.hd, a.out + ((b * a.T + t) * a.H + h) * a.hd);
-        }
+        for (int64_t r = 0; r < n; ++r)
+          std::copy(o.data() + r * a.hd, o.data() + (r + 1) * a.hd, a.out + ((b * a.T + token(r)) * a.H + head(r)) * a.hd);
       }
     }
+  });
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ class Pool {
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     const int64_t chunks_max = (n + grain - 1) / grain;
     const int parts = static_cast<int>(std::min<int64_t>(size(), chunks_max));
-    if (parts <= 1) {
+    if (parts <= 1 || in_job) {  // inside a job (a kernel calling a kernel) the work stays on this thread
       fn(0, n);
       return;
     }
@@ -66,8 +66,14 @@ class Pool {
     const int64_t chunks = (n_ + grain_ - 1) / grain_;
     const int64_t begin = chunks * part / parts_ * grain_;
     const int64_t end = std::min(n_, chunks * (part + 1) / parts_ * grain_);
+    struct InJob {
+      InJob() { in_job = true; }
+      ~InJob() { in_job = false; }
+    } scope;
     if (begin < end) (*fn_)(begin, end);
   }
+
+  static thread_local bool in_job;
 
   void loop(int index, uint64_t seen) {
     for (;;) {
@@ -110,6 +116,8 @@ class Pool {
   bool stopping_ = false;
   std::exception_ptr error_;
 };
+
+thread_local bool Pool::in_job = false;
 
 Pool& pool() {
   static Pool p(available_cores());

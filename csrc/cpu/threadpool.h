@@ -10,7 +10,8 @@ int num_threads();
 void set_num_threads(int n);  // n <= 0: back to the number of available cores
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), in parallel; returns when all are done.
-// Chunks are multiples of `grain` (except the last). Runs inline when n is small or one thread.
+// Chunks are multiples of `grain` (except the last). Runs inline when n is small, with one thread,
+// or when called from inside another parallel_for (so kernels may call kernels).
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace refpg
