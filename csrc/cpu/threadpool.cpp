@@ -2,8 +2,11 @@
 
 #include <sched.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -20,8 +23,18 @@ int available_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Workers sleep on a condition variable between jobs (no spinning: a spinning pool next to
-// OpenBLAS's threads on a 2-core machine collapses).
+// Workers sleep on a condition variable between jobs, after watching for the next one for kSpin
+// (a decode step queues hundreds of small jobs microseconds apart; waking a sleeping thread costs
+// tens of microseconds each time). Never spinning longer: an unbounded spinning pool next to
+// OpenBLAS's threads on a 2-core machine collapses.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+template <class Done>
+void spin_until(Done done) {
+  const auto start = std::chrono::steady_clock::now();
+  while (!done() && std::chrono::steady_clock::now() - start < kSpin) _mm_pause();
+}
+
 class Pool {
  public:
   explicit Pool(int n) { resize(n); }
@@ -33,7 +46,7 @@ class Pool {
     std::lock_guard<std::mutex> job_lock(job_mutex_);  // never while a job runs
     stop();
     stopping_ = false;
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, g = generation_] { loop(i, g); });
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, g = generation_.load()] { loop(i, g); });
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -56,6 +69,7 @@ class Pool {
     }
     cv_.notify_all();
     run_part(0);
+    spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, [this] { return pending_ == 0; });
     if (error_) std::rethrow_exception(error_);
@@ -77,6 +91,7 @@ class Pool {
 
   void loop(int index, uint64_t seen) {
     for (;;) {
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [&] { return stopping_ || generation_ != seen; });
@@ -111,8 +126,9 @@ class Pool {
   std::condition_variable cv_, done_cv_;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
-  int parts_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
+  int parts_ = 0;
+  std::atomic<int> pending_{0};         // written under mutex_, read by spin_until without it
+  std::atomic<uint64_t> generation_{0};
   bool stopping_ = false;
   std::exception_ptr error_;
 };
