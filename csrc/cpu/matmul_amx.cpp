@@ -16,9 +16,9 @@
 // packed once per call into 16 x 32 tiles [m block][k step][hi, lo]. A tile of C is then a 16 x 16
 // block of y.T, written back transposed.
 // Blocking: AmxGemm. Four accumulator tiles hold 32 W rows x 32 x rows; W tiles in registers 4-5,
-// x tiles in 6-7 (block_kernel). W blocks are packed into contiguous tiles on the way (bf16 copied,
-// float32 split), overlapping the tile products; nothing outside the caller's arrays is read.
-// Measured on a 2-core Xeon with AMX: 266 x 2048 @ 2048 x 16384 with bf16 W in ~21 ms, ~3x the
+// x tiles in 6-7 (block_kernel). W blocks are packed into contiguous tiles (bf16 copied, float32
+// split) just before their products; nothing outside the caller's arrays is read.
+// Measured on a 2-core Xeon with AMX: 266 x 2048 @ 2048 x 16384 with bf16 W in ~18 ms, ~3.4x the
 // AVX-512 float32 FMA GEMM; the tile products run at the unit's rate (~1.9 TFLOP/s per core on
 // real data), and packing W from memory costs the rest.
 // Non-finite values: packing notices them and linear_amx returns false (see matmul_amx.h). bf16
@@ -95,8 +95,9 @@ struct AlignedAllocator {
   bool operator!=(const AlignedAllocator<U>&) const { return false; }
 };
 
-// The packed x, kept per calling thread and only ever grown: a fresh allocation per call would
-// cost a page fault per 4 KB, as much as packing itself.
+// The packed x, kept per calling thread and only ever grown (to 4 bytes per element of the largest
+// x chunk: kMaxRows x K, 32 MB at K = 16384): a fresh allocation per call would cost a page fault
+// per 4 KB, as much as packing itself.
 uint16_t* packed_x(int64_t n) {
   thread_local std::vector<uint16_t, AlignedAllocator<uint16_t>> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
