@@ -2,10 +2,11 @@
 held-out scenes of refpg.scenes correctly on every backend, and `refpg demo` runs.
 
 Its full held-out accuracy (300 scenes) is measured by tools/eval_demo.py — for the shipped weights
-caption 93.0 %, counting 100 %, colour 97.7 %, detection 96.0 % of objects (right label, IoU >= 0.7), every object
-of the multi-class detection right on 98.0 % of the scenes; here a fixed set of
-thirty scenes that neither training (seeds from 1000 up) nor that evaluation (0–299) used, with floors a
-little below those rates, so that a loader or backend change that degrades the answers fails.
+caption 96.3 %, counting 100 %, colour 100 %, detection 100 % of objects (right label, IoU >= 0.7), every object
+of the multi-class detection right on 100 % of the scenes; here a fixed set of thirty scenes that neither
+training (seeds from 1000 up) nor that evaluation (0–299) used, with floors a little below what the shipped
+weights score there (caption 27/30, every other kind all right), so that a loader or backend change that
+degrades the answers fails.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from refpg import backend as backends
 from refpg.cli import demo_model_dir
 
 SEEDS = range(600, 630)
-FLOORS = {"caption": 0.8, "count": 0.95, "colour": 0.9, "detect": 0.9, "detect all": 0.9}  # fraction right, per kind
+FLOORS = {"caption": 0.85, "count": 0.95, "colour": 0.95, "detect": 0.95, "detect all": 0.95}  # fraction right, per kind
 MAX_NEW_TOKENS = 24  # the longest answer, every box of three objects, is 19 tokens + <eos>
 
 
