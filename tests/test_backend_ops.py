@@ -148,7 +148,8 @@ def simd_paths_here() -> dict[str, str | None]:
     if "cpp" in backend.UNAVAILABLE:
         return {path: "cpp not built" for path in SIMD_PATHS}
     f = backend._C.cpu_features()
-    have = {"amx": f["amx_bf16"], "avx512": f["avx512f"], "avx2": f["avx2"] and f["fma"], "scalar": True}
+    avx2 = f["avx2"] and f["fma"]  # every vector path needs it too
+    have = {"amx": f["amx_bf16"] and avx2, "avx512": f["avx512f"] and avx2, "avx2": avx2, "scalar": True}
     return {path: None if have[path] else f"this CPU (or its OS) lacks {path}" for path in SIMD_PATHS}
 
 

@@ -300,10 +300,12 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
         ("rms_norm 266x2048", "rms_norm", (x266, x266[0], 1e-6)),
         ("geglu 266x16384", "geglu", (np.resize(x266, (266, 16384)), np.resize(x266, (266, 16384)))),
     ]
-    rows = []
-    for name, op, args in cases:
-        times = {}
-        for be in ("numpy", "cpp", "cuda"):
+    # Backend by backend, numpy last: OpenBLAS's threads keep spinning for a while after numpy's
+    # matmuls and would slow whatever runs next on this machine's two cores.
+    times_of: dict[str, dict[str, float]] = {name: {} for name, _, _ in cases}
+    for be in ("cpp", "cuda", "numpy"):
+        for name, op, args in cases:
+            times = times_of[name]
             if be in backend.OPS[op] and be not in backend.UNAVAILABLE:
                 fn = backend.OPS[op][be]
                 if be == "cuda":  # inputs already on the GPU; time until the kernels finish
@@ -317,8 +319,7 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
                         fn(*args)
                 run()
                 times[be] = best_of(run, repeat)
-        rows.append((name, times))
-    return rows
+    return list(times_of.items())
 
 
 def main(argv=None) -> None:
@@ -357,9 +358,7 @@ def main(argv=None) -> None:
     w16 = to_bf16(w32)
     runs: dict[str, dict[str, float]] = {}
     have_cpp = backend.available("cpp") == list(backend.OP_NAMES)
-    if not args.no_numpy:
-        runs["refpg numpy"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("numpy")), cfg, args.repeat, args.decode_steps)
-    if have_cpp and not args.no_cpp:
+    if have_cpp and not args.no_cpp:  # before numpy: see time_ops
         runs["refpg cpp fp32"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
         runs["refpg cpp bf16"] = time_refpg(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
     have_cuda = "cuda" not in backend.UNAVAILABLE
@@ -369,6 +368,9 @@ def main(argv=None) -> None:
         gpu_model = PaliGemma(cfg, cuda.upload_weights(w16), Selection.from_spec("cuda"))
         runs["refpg cuda bf16"] = time_refpg(gpu_model, cfg, args.repeat, args.decode_steps)
         del gpu_model
+    if not args.no_numpy:
+        runs = {"refpg numpy": time_refpg(PaliGemma(cfg, w32, Selection.from_spec("numpy")), cfg, args.repeat,
+                                          args.decode_steps), **runs}
     if not args.no_torch:
         try:
             import torch  # noqa: F401

@@ -223,11 +223,12 @@ int64_t tile_rows_for(const AttentionArgs& a) {
 // mask and softmax in between. k and v are first copied (v transposed) into contiguous matrices,
 // since linear reads its weight rows packed; q rows are gathered and out rows scattered likewise.
 void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
-  const bool avx2 = path != SimdPath::Scalar;
+  const bool avx2 = path != SimdPath::Scalar;  // simd_path() picks no vector path without AVX2 + FMA
   const int64_t group = a.H / a.KV, rows = a.T * group, chunk = std::min(rows, kGemmRows);
-  // One (batch row, kv head) per thread, its products then on that thread; with one in all (MQA),
-  // the products spread over the threads instead.
-  parallel_for(a.B * a.KV, 1, [&](int64_t u0, int64_t u1) {
+  // With a (batch row, kv head) for every thread, one per thread, its products then on that thread;
+  // with fewer (MQA, one image), one after the other, each product spread over the threads.
+  const int64_t units = a.B * a.KV;
+  auto run_units = [&](int64_t u0, int64_t u1) {
     std::vector<float> k(a.S * a.hd), vt(a.hd * a.S), q(chunk * a.hd), p(chunk * a.S), o(chunk * a.hd);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / a.KV, kv = u % a.KV;
@@ -260,7 +261,11 @@ void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
           std::copy(o.data() + r * a.hd, o.data() + (r + 1) * a.hd, a.out + ((b * a.T + token(r)) * a.H + head(r)) * a.hd);
       }
     }
-  });
+  };
+  if (units >= num_threads())
+    parallel_for(units, 1, run_units);
+  else
+    run_units(0, units);
 }
 
 }  // namespace

@@ -462,19 +462,20 @@ SimdPath simd_path() {
   const bool avx2 = f.avx2 && f.fma;
   const char* env = std::getenv("REFPG_SIMD");
   const std::string want = env ? env : "";
+  // Every vector path uses AVX2 + FMA too (packing, and the kernels of the other ops).
   if (want.empty() || want == "auto")
-    return f.amx_bf16 ? SimdPath::Amx : f.avx512f ? SimdPath::Avx512 : avx2 ? SimdPath::Avx2 : SimdPath::Scalar;
+    return !avx2 ? SimdPath::Scalar : f.amx_bf16 ? SimdPath::Amx : f.avx512f ? SimdPath::Avx512 : SimdPath::Avx2;
   if (want == "scalar") return SimdPath::Scalar;
   if (want == "avx2") {
     if (!avx2) throw std::runtime_error("REFPG_SIMD=avx2, but this CPU lacks AVX2 or FMA");
     return SimdPath::Avx2;
   }
   if (want == "avx512") {
-    if (!f.avx512f) throw std::runtime_error("REFPG_SIMD=avx512, but this CPU lacks AVX-512F");
+    if (!f.avx512f || !avx2) throw std::runtime_error("REFPG_SIMD=avx512, but this CPU lacks AVX-512F (or AVX2 + FMA)");
     return SimdPath::Avx512;
   }
   if (want == "amx") {
-    if (!f.amx_bf16)
+    if (!f.amx_bf16 || !avx2)
       throw std::runtime_error("REFPG_SIMD=amx, but this CPU (or its OS) offers no AMX-BF16 with AVX-512 BF16");
     return SimdPath::Amx;
   }

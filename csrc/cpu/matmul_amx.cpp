@@ -194,6 +194,9 @@ template <int MB, bool kLo>
 REFPG_AMX void block_kernel(const uint16_t* w, const uint16_t* x0, const uint16_t* x1, int64_t steps, float* c,
                             bool zero) {
   constexpr int64_t kC = kTile * kTile, kWStep = (kLo ? 2 : 1) * 2 * kTileElems;
+  // GCC's tile load/store intrinsics declare no memory access: fence them against the packing
+  // stores before and the reads of c after, should this function ever be inlined.
+  __asm__ __volatile__("" ::: "memory");
   if (zero) {
     _tile_zero(0); _tile_zero(2);
     if (MB == 2) { _tile_zero(1); _tile_zero(3); }
@@ -236,6 +239,7 @@ REFPG_AMX void block_kernel(const uint16_t* w, const uint16_t* x0, const uint16_
   }
   _tile_stored(0, c, 64); _tile_stored(2, c + 2 * kC, 64);
   if (MB == 2) { _tile_stored(1, c + kC, 64); _tile_stored(3, c + 3 * kC, 64); }
+  __asm__ __volatile__("" ::: "memory");
 }
 
 // dst rows [0, 16) ld apart = the 16 x 16 block src [16][16] transposed, + bias[row] (or 0).
@@ -321,7 +325,7 @@ class AmxGemm {
 
   // y[:, 32 b : 32 e] = x . W[those rows]^T (+ bias)
   void blocks(int64_t b, int64_t e) {
-    thread_local std::vector<uint16_t> panels;
+    thread_local std::vector<uint16_t, AlignedAllocator<uint16_t>> panels;  // tile rows = cache lines
     thread_local std::vector<float, AlignedAllocator<float>> sums;
     panels.resize(kSuper * kBlockSteps * kPanelPerStep);
     sums.resize(kSuper * m_pairs_ * 4 * kC);

@@ -4,7 +4,7 @@
 
 namespace refpg {
 
-// y = x @ W.T (+ b) for any M, N, K, close to float32 (NMSE ~1e-11 against float64, where float32
+// y = x @ W.T (+ b) for any M, N and K >= 1 (linear handles K = 0), close to float32 (NMSE ~1e-11 against float64, where float32
 // FMA chains give ~1e-13). Returns false, y then unspecified, when x or W holds an inf or NaN (or,
 // in float32, a value beyond the bf16 range): the caller then runs the float32 FMA path, so such
 // values propagate exactly as there. Needs AMX-BF16, AVX-512 BF16 + BW and the OS permission for

@@ -68,10 +68,16 @@ class Pool {
       ++generation_;
     }
     cv_.notify_all();
-    run_part(0);
+    std::exception_ptr mine;  // the workers still use fn and its captures: wait for them first
+    try {
+      run_part(0);
+    } catch (...) {
+      mine = std::current_exception();
+    }
     spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, [this] { return pending_ == 0; });
+    if (mine) std::rethrow_exception(mine);
     if (error_) std::rethrow_exception(error_);
   }
 
