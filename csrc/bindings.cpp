@@ -71,11 +71,8 @@ struct Arg {
     if (!std::isfinite(c) || c == 0.0) fail(op, std::string(name) + " must be finite and nonzero");
     return static_cast<float>(c);
   }
-  // The AVX2+FMA kernels when this CPU has them and REFPG_SIMD does not ask for scalar.
-  static bool avx2() {
-    const CpuFeatures& f = cpu_features();
-    return f.avx2 && f.fma && simd_path() != SimdPath::Scalar;
-  }
+  // The AVX2+FMA kernels unless the path is scalar (simd_path() picks no vector path without them).
+  static bool avx2() { return simd_path() != SimdPath::Scalar; }
 };
 
 // ---- CUDA: device tensors and the GPU kernels (csrc/cuda/), in the submodule _C.cuda ---------------

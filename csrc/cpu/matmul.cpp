@@ -5,8 +5,8 @@
 //  * Decode, M <= kGemvMaxRows: memory bound. Each thread streams its contiguous range of W rows
 //    once, in chunks of kGemvChunk rows. Per chunk, for M > 2, K is cut in blocks whose x[:, block]
 //    fits 16 KB of L1 (for one or two rows x stays in L2, and whole W rows stream: cutting them
-//    measured 20% slower on K = 16384); a dot tile of C W rows (C = 4, or 3 when M > 2) keeps one vector accumulator per
-//    (x row, W row) for each group of <= 4 x rows, so every W vector loaded serves all the rows of
+//    measured 20% slower on K = 16384); a dot tile of C W rows (C = 4, or 3 when M > 2) keeps one
+//    vector accumulator per (x row, W row) for each group of <= 4 x rows, so every W vector loaded serves all the rows of
 //    the group, and the W rows of the next tile are prefetched meanwhile. Partial sums per depth
 //    block are reduced horizontally and added up per chunk.
 //  * Prefill, larger M: BLIS-style GEMM with B = W.T. x (up to kGemmRows rows at a time) is packed

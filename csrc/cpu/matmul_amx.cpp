@@ -30,8 +30,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
-#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
