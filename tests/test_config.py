@@ -135,7 +135,7 @@ def test_omitted_kv_heads_means_multi_head_attention_unlike_transformers():
 
 
 def test_gemma2_defaults_and_even_layers_slide():
-    cfg = config_from_dict({"text_config": {"model_type": "gemma2", "num_hidden_layers": 5}})
+    cfg = config_from_dict({"projection_dim": 2304, "text_config": {"model_type": "gemma2", "num_hidden_layers": 5}})
     t = cfg.text
     assert (t.head_dim, t.rms_norm_eps, t.rope_theta, t.hidden_act) == (256, 1e-6, 10000.0, "gelu_pytorch_tanh")
     assert (t.num_attention_heads, t.num_key_value_heads) == (8, 4)
@@ -146,7 +146,7 @@ def test_gemma2_defaults_and_even_layers_slide():
 
 
 def test_gemma2_explicit_layer_types_and_null_softcaps_are_kept():
-    cfg = config_from_dict({"text_config": {
+    cfg = config_from_dict({"projection_dim": 2304, "text_config": {
         "model_type": "gemma2", "num_hidden_layers": 2, "layer_types": ["full_attention", "sliding_attention"],
         "attn_logit_softcapping": None, "final_logit_softcapping": None, "sliding_window": 512}})
     assert cfg.text.layer_types == ("full_attention", "sliding_attention")

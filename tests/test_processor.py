@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory) -> str:
     config = {"model_type": "paligemma", "image_token_index": vocab,
               "vision_config": {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_size": 16,
                                 "num_attention_heads": 2},
-              "text_config": {"vocab_size": vocab + 64}}
+              "text_config": {"vocab_size": vocab + 64, "hidden_size": 2048}}  # = the default projection_dim
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f)
     return out
