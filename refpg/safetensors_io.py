@@ -7,6 +7,7 @@ Format: 8-byte little-endian header length N, N bytes of JSON
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -40,6 +41,12 @@ def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _short(v) -> str:
+    """A header value for an error message, cut to a readable length."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class SafetensorsFile:
     """One .safetensors file: its validated header and lazily memory-mapped tensors."""
 
@@ -60,11 +67,15 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: header is not a safetensors header (JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{path}: __metadata__ is not a JSON object")
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
@@ -72,21 +83,33 @@ class SafetensorsFile:
             try:
                 dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {_short(info)}") from None
             # JSON allows floats, strings, booleans and negatives here; the format allows none of them
             if not all(_is_count(v) for v in (*shape, begin, end)):
-                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} "
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {_short(info)} "
                                       f"(shape and data_offsets must be non-negative integers)")
-            if dtype not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if not (0 <= begin <= end) or end - begin != nbytes:
-                raise CheckpointError(f"{path}: tensor {name!r} ({dtype}{list(shape)}) has data_offsets "
+            if not isinstance(dtype, str) or dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {_short(dtype)}")
+            nbytes = math.prod(shape) * _DTYPES[dtype].itemsize  # Python ints: no overflow
+            if end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} ({dtype}{_short(list(shape))}) has data_offsets "
                                       f"[{begin}, {end}] that do not match its size of {nbytes} bytes")
             if end > data_len:
                 raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds "
                                       f"only {data_len} (truncated file)")
             self.entries[name] = (dtype, shape, begin, end)
+        # The format's rule: the tensors tile the data exactly, in offset order — no overlap, no hole,
+        # nothing after the last one.
+        covered = 0
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda e: (e[1][2], e[1][3])):
+            if begin != covered:
+                what = "overlaps the tensor before it" if begin < covered else f"leaves a hole of {begin - covered} bytes before it"
+                raise CheckpointError(f"{path}: tensor {name!r} at data_offsets [{begin}, {end}] {what} "
+                                      f"(safetensors data must be tiled exactly)")
+            covered = end
+        if covered != data_len:
+            raise CheckpointError(f"{path}: {data_len - covered} bytes after the last tensor's data "
+                                  f"(safetensors data must be tiled exactly)")
 
     def keys(self):
         return self.entries.keys()

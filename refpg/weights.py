@@ -156,8 +156,6 @@ def expected_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, H)
         shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, H)
         shapes[p + "mlp.down_proj.weight"] = (H, t.intermediate_size)
-    if cfg.projection_dim != t.hidden_size:
-        raise CheckpointError(f"projection_dim {cfg.projection_dim} differs from text hidden_size {t.hidden_size}")
     return shapes
 
 
@@ -173,11 +171,14 @@ def open_checkpoint(model_dir: str) -> dict[str, SafetensorsFile]:
                 weight_map = json.load(f)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{index_path}: not a valid safetensors index (needs a 'weight_map' object): {e}") from None
         files: dict[str, SafetensorsFile] = {}
         where: dict[str, SafetensorsFile] = {}
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or os.path.basename(shard) != shard:
+                raise CheckpointError(f"{index_path}: weight_map maps {name!r} to {shard!r}, "
+                                      f"not the file name of a shard in {model_dir}")
             if shard not in files:
                 shard_path = os.path.join(model_dir, shard)
                 if not os.path.isfile(shard_path):
@@ -243,6 +244,7 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
             arr = f.raw(name) if f.dtype(name) == "BF16" else f32_to_bf16(f.float32(name))
         else:
             arr = f.float32(name)
+        check_finite(arr, f"{f.path}: tensor {name!r}")
         done += 1
         if progress is not None:
             progress(done, total)
@@ -300,6 +302,26 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
                               f"but the checkpoint has no {LM_HEAD!r}")
     text = TextWeights(embed_tokens=embed, layers=layers, norm=norm(TEXT + "norm", False), lm_head=lm_head)
     return Weights(vision=vision, projector=projector, text=text)
+
+
+def check_finite(arr: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
+    """CheckpointError naming `what` if arr (float32, or bf16 bits as uint16) holds a NaN or an inf.
+
+    A checkpoint of NaNs would otherwise load and answer `<pad><pad>…`. Read in chunks, with no
+    temporary the size of the tensor: NaN propagates through min/max, and a bf16 value is non-finite
+    exactly when its 8 exponent bits are all set.
+    """
+    flat = arr.reshape(-1)
+    bits = np.empty(min(chunk, flat.size), np.uint16) if arr.dtype == np.uint16 else None
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk]
+        if bits is not None:
+            exponent = np.bitwise_and(part, np.uint16(0x7F80), out=bits[:part.size])
+            bad = exponent.max() == 0x7F80
+        else:
+            bad = not (np.isfinite(part.min()) and np.isfinite(part.max()))
+        if bad:
+            raise CheckpointError(f"{what} holds NaN or infinite values (a corrupt or diverged checkpoint)")
 
 
 def embed_scale(hidden_size: int) -> np.float32:
