@@ -83,12 +83,41 @@ if _C is not None:
     _register_cpp()
     for _name in OP_NAMES:
         OPS[_name]["cuda"] = getattr(cuda, _name)
-    if os.environ.get("REFPG_THREADS"):  # the kernels' thread count (default: the cores available)
-        _C.set_num_threads(int(os.environ["REFPG_THREADS"]))
 
 
 class BackendError(ValueError):
-    """A backend selection names an unknown op or backend, or one that is not available here."""
+    """A backend selection names an unknown op or backend, or one that is not available here; or an
+    environment variable that configures the backends (REFPG_BACKEND, REFPG_CHECK, REFPG_THREADS,
+    REFPG_SIMD) holds a value refpg cannot use."""
+
+
+MAX_THREADS = 1024  # REFPG_THREADS beyond this is a typo, not a machine
+_FLAG_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
+                "1": True, "true": True, "yes": True, "on": True}
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: unset, 0/1, false/true, no/yes, off/on (any case)."""
+    value = os.environ.get(name, "")
+    if value.strip().lower() not in _FLAG_VALUES:
+        raise BackendError(f"environment variable {name}={value!r} is not a yes/no value (use 1 or 0)")
+    return _FLAG_VALUES[value.strip().lower()]
+
+
+def configure_native() -> None:
+    """Apply REFPG_THREADS and check REFPG_SIMD before the first native kernel runs, so that a bad
+    value is a BackendError naming the variable, not an error from deep inside a forward pass."""
+    threads = os.environ.get("REFPG_THREADS", "").strip()
+    if threads:
+        if not threads.isdigit() or not 1 <= int(threads) <= MAX_THREADS:
+            raise BackendError(f"environment variable REFPG_THREADS={threads!r} must be a whole number of "
+                               f"threads from 1 to {MAX_THREADS}")
+        if _C.num_threads() != int(threads):
+            _C.set_num_threads(int(threads))
+    try:
+        _C.simd_path()  # reads REFPG_SIMD: unknown, or a path this CPU lacks
+    except (ValueError, RuntimeError) as e:
+        raise BackendError(f"environment variable {e}") from None
 
 
 class BackendMismatch(AssertionError):
@@ -115,14 +144,24 @@ def parse_spec(spec: str | dict | None) -> dict[str, str]:
 
     Ops a mapping leaves out use `auto`. None reads REFPG_BACKEND, else `auto`.
     """
+    if spec is None and os.environ.get("REFPG_BACKEND"):
+        try:
+            return parse_spec(os.environ["REFPG_BACKEND"])
+        except BackendError as e:
+            raise BackendError(f"environment variable REFPG_BACKEND={os.environ['REFPG_BACKEND']!r}: {e}") from None
     if spec is None:
-        spec = os.environ.get("REFPG_BACKEND") or "auto"
+        spec = "auto"
     if isinstance(spec, str):
         if "=" in spec:
             pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise BackendError(f"backend selection {spec!r}: write one backend for all ops (cpp) "
+                                   f"or op=backend pairs separated by commas (matmul=cpp,attention=numpy)")
             spec = {op.strip(): be.strip() for op, be in pairs}
         else:
             spec = {op: spec.strip() for op in OP_NAMES}
+    if not isinstance(spec, dict):
+        raise BackendError(f"backend selection must be a string or a dict {{op: backend}}, got {type(spec).__name__}")
     chosen = {op: "auto" for op in OP_NAMES}
     for op, be in spec.items():
         op = ALIASES.get(op, op)
@@ -157,8 +196,11 @@ class Selection:
     @classmethod
     def from_spec(cls, spec: str | dict | None = None, check: bool | None = None) -> "Selection":
         if check is None:
-            check = os.environ.get("REFPG_CHECK", "") not in ("", "0")
-        return cls(parse_spec(spec), check)
+            check = env_flag("REFPG_CHECK")
+        selection = cls(parse_spec(spec), bool(check))
+        if "cpp" in selection.backends.values():
+            configure_native()
+        return selection
 
     def describe(self) -> str:
         kinds = sorted(set(self.backends.values()))
