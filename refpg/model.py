@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 import time
+from collections.abc import Mapping
 from typing import Callable, Iterator
 
 import numpy as np
@@ -83,17 +85,29 @@ class PaliGemma:
         """encode_images, left where the selected kernels keep data (the GPU for cuda)."""
         v = self.config.vision
         want = (v.num_channels, v.image_size, v.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != want:
-            raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}], got {list(pixel_values.shape)}")
+        pixel_values = np.asarray(pixel_values)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != want or pixel_values.shape[0] == 0:
+            raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}] with B >= 1, "
+                             f"got {list(pixel_values.shape)}")
+        if not (np.issubdtype(pixel_values.dtype, np.floating) or np.issubdtype(pixel_values.dtype, np.integer)):
+            raise InputError(f"pixel_values must be a float array, got {pixel_values.dtype}")
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if not np.isfinite(pixels).all():
+            raise InputError("pixel_values holds NaN or infinite values")
         with use(self.selection):
             return project(vision_tower(pixels, self.weights.vision, v), self.weights.projector)
 
-    def new_cache(self, batch_size: int = 1, max_len: int = 512) -> KVCache:
-        if max_len > self.config.text.max_position_embeddings:
-            raise InputError(f"max_len {max_len} exceeds the model's max_position_embeddings "
-                             f"{self.config.text.max_position_embeddings}")
-        return KVCache(self.config.text, batch_size, max_len)
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """A KV cache for `batch_size` rows of up to `max_len` tokens (default: the model's limit,
+        max_position_embeddings; its memory is claimed only as tokens are written)."""
+        limit = self.config.text.max_position_embeddings
+        max_len = limit if max_len is None else max_len
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_len > limit:
+            raise InputError(f"max_len {max_len} exceeds the model's max_position_embeddings {limit}")
+        return KVCache(self.config.text, int(batch_size), int(max_len))
 
     def __call__(self, input_ids, pixel_values=None, token_type_ids=None, attention_mask=None,
                  cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
@@ -142,6 +156,9 @@ class PaliGemma:
             a = np.asarray(a)
             if a.shape != ids.shape:
                 raise InputError(f"{name} must have the shape of input_ids {list(ids.shape)}, got {list(a.shape)}")
+            if not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool) or not np.isin(a, (0, 1)).all():
+                raise InputError(f"{name} must hold only 0 and 1 (integers or bools), got {a.dtype} values "
+                                 f"{np.unique(a)[:4].tolist()}")
             return a
 
         valid = np.ones(ids.shape, bool) if attention_mask is None else as_flags(attention_mask, "attention_mask") != 0
@@ -162,19 +179,27 @@ class PaliGemma:
         Greedy by default; sampling options: temperature, top_k, top_p, seed.
         """
         steps = list(self.generate_stream(batch, max_new_tokens, **sampling))
-        B = np.asarray(batch["input_ids"]).shape[0]
-        return np.stack(steps, axis=1) if steps else np.zeros((B, 0), np.int64)
+        return np.stack(steps, axis=1) if steps else np.zeros((len(batch["input_ids"]), 0), np.int64)
 
     def generate_stream(self, batch: dict, max_new_tokens: int = 20, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None,
                         seed: int | None = None) -> Iterator[np.ndarray]:
         """Yield the next token of every row ([B] int64) as it is decoded."""
-        from refpg.sampling import pick_next
+        from refpg.sampling import check_options, pick_next
 
-        ids = np.asarray(batch["input_ids"])
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise InputError(f"batch must be a dict with input_ids (and pixel_values, token_type_ids, "
+                             f"attention_mask), as the Processor returns; got {type(batch).__name__}"
+                             + (f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""))
+        if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, numbers.Integral) \
+                or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        try:
+            check_options(temperature, top_k, top_p, seed)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        ids, _, _ = self._check_inputs(batch["input_ids"], None, None, None)
         B, T = ids.shape
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
         limit = self.config.text.max_position_embeddings
         if T + max_new_tokens > limit:
             raise InputError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's limit of {limit}")

@@ -73,18 +73,22 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def as_rgb_image(image, index: int = 0) -> PIL.Image.Image:
-    """A PIL image, a path or a uint8 [H, W, 3] array, as an RGB PIL image."""
+    """A PIL image, a path or a uint8 [H, W, 3] array, as an RGB PIL image (at least 1×1 pixel)."""
     if isinstance(image, PIL.Image.Image):
-        return to_rgb(image)
-    if isinstance(image, (str, os.PathLike)):
-        return open_image(image)
-    if isinstance(image, np.ndarray):
+        rgb = to_rgb(image)
+    elif isinstance(image, (str, os.PathLike)):
+        rgb = open_image(image)
+    elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ProcessorError(f"image {index}: an array image must be uint8 [H, W, 3], "
                                  f"got {image.dtype} {list(image.shape)}")
-        return PIL.Image.fromarray(image)  # uint8 [H, W, 3] is RGB
-    raise ProcessorError(f"image {index}: expected a PIL.Image, a file path or a uint8 [H, W, 3] array, "
-                         f"got {type(image).__name__}")
+        rgb = PIL.Image.fromarray(image) if image.size else None  # uint8 [H, W, 3] is RGB
+    else:
+        raise ProcessorError(f"image {index}: expected a PIL.Image, a file path or a uint8 [H, W, 3] array, "
+                             f"got {type(image).__name__}")
+    if rgb is None or min(rgb.size) == 0:
+        raise ProcessorError(f"image {index}: has no pixels (size {list(getattr(image, 'shape', None) or image.size)})")
+    return rgb
 
 
 def pixel_values(image: PIL.Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -340,6 +344,12 @@ def _as_batch(images, prompts, suffixes) -> tuple[list, list[str], list[str | No
         if not isinstance(prompt, str) or not isinstance(suffix, (str, type(None))):
             raise ProcessorError(f"prompt {i}: prompts and suffixes must be str, got "
                                  f"{type(prompt).__name__} and {type(suffix).__name__}")
+        for what, text in (("prompt", prompt), ("suffix", suffix or "")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (e.g. from argv)
+                raise ProcessorError(f"{what} {i} is not valid text: {text[max(0, e.start - 10):e.end + 10]!r} "
+                                     f"holds bytes that are not UTF-8") from None
     return images, prompts, suffixes
 
 

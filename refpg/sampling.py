@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from refpg.ops import softmax
+
+
+def check_options(temperature=0.0, top_k=None, top_p=None, seed=None, names: dict | None = None) -> None:
+    """ValueError naming the option (by `names[option]` if given, e.g. "--top-k") that is out of range."""
+    name = lambda option: (names or {}).get(option, option)  # noqa: E731
+
+    def is_number(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    if not (is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (is_int(top_k) and top_k >= 1):
+        raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if seed is not None and not (is_int(seed) and 0 <= seed < 2 ** 128):
+        raise ValueError(f"{name('seed')} must be an integer >= 0, got {seed!r}")
 
 
 def pick_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0,
@@ -14,15 +37,13 @@ def pick_next(logits: np.ndarray, rng: np.random.Generator, temperature: float =
     Sampling applies, in transformers' order: temperature, then top-k, then top-p (nucleus: the
     smallest set of most likely tokens whose probability reaches p; the top token always stays).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_options(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    scores = logits.astype(np.float64) / temperature  # [B, V]
+    # the max subtracted first: a tiny temperature sends the others to -inf, never the top one to inf
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        scores = shifted / temperature  # [B, V]
     if top_k is not None and top_k < scores.shape[-1]:
         kth = np.partition(scores, -top_k, axis=-1)[:, -top_k][:, None]  # k-th largest per row
         scores = np.where(scores < kth, -np.inf, scores)
