@@ -13,12 +13,16 @@ import time
 
 from refpg.backend import BackendError, BackendMismatch
 from refpg.config import ConfigError
+from refpg.diff import DumpError
 from refpg.model import InputError
 from refpg.processor import ProcessorError
 from refpg.safetensors_io import CheckpointError
 
 # what a user can cause; anything else is a bug in refpg and keeps its traceback
-USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, InputError, OSError, BackendError, BackendMismatch)
+USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, InputError, OSError, BackendError, BackendMismatch,
+               DumpError)
+# exit codes: 0 done, 1 `diff` found a divergence (as cmp and diff do), 2 bad input
+EXIT_DIVERGED, EXIT_BAD_INPUT = 1, 2
 
 
 def demo_model_dir() -> str:
@@ -32,12 +36,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from refpg.model import PaliGemma, print_progress
     from refpg.processor import Processor
 
-    if args.model is None:
-        args.model = demo_model_dir()
+    from refpg.sampling import check_options
 
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or \
-            (args.top_p is not None and not 0 < args.top_p <= 1) or args.max_new_tokens < 0:
-        raise InputError("need --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1, --max-new-tokens >= 0")
+    try:
+        check_options(args.temperature, args.top_k, args.top_p, args.seed, names=SAMPLING_FLAGS)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_prompt(args.prompt)
+    if args.draw:
+        check_output(args.draw, "--draw", image=True)
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(args.model)
     batch = proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow load
@@ -117,24 +126,63 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nwrote {os.path.abspath(args.out)}: the {len(DEMO_SEEDS)} scenes with the {len(drawn)} detected boxes drawn")
 
 
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def check_prompt(prompt: str) -> None:
+    """A blank prompt is a mistake on the command line (the model would quietly caption the image)."""
+    if not prompt.strip():
+        raise InputError('--prompt is empty; give a task such as "caption en", "detect cat" or "answer en what is this?"')
+
+
+def check_output(path: str, flag: str, image: bool = False) -> None:
+    """Fail before the slow work if `path` cannot be written: its folder must exist (and an image
+    needs an extension Pillow writes)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a folder, give a file name")
+    if image and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        raise InputError(f"{flag} {path}: not an image file name; end it in {', '.join(IMAGE_EXTENSIONS)}")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """dump's and diff's common flags."""
+    if args.decode < 0:
+        raise InputError(f"--decode must be >= 0, got {args.decode}")
+    check_prompt(args.prompt)
+
+
 def cmd_dump(args: argparse.Namespace) -> None:
     from refpg import diff
     from refpg.model import PaliGemma
     from refpg.processor import Processor
 
+    check_run_args(args)
+    check_output(args.out, "--out")
     proc = Processor.from_pretrained(args.model)
     model = PaliGemma.from_pretrained(args.model, backend=args.backend)
     names = diff.dump(model, proc, args.image, args.prompt, args.out, args.decode)
     log(f"wrote {len(names)} activations ({model.selection.describe()}) to {args.out}")
 
 
-def cmd_diff(args: argparse.Namespace) -> None:
+def cmd_diff(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from refpg import diff
     from refpg.model import PaliGemma
     from refpg.processor import Processor
 
+    check_run_args(args)
+    if not (math.isfinite(args.tol) and args.tol > 0):
+        raise InputError(f"--tol must be a finite number > 0, got {args.tol}")
+    if args.json:
+        check_output(args.json, "--json")
+    if args.plot:
+        check_output(args.plot, "--plot", image=True)
     proc = Processor.from_pretrained(args.model)
     proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow loads
     model_a = PaliGemma.from_pretrained(args.model, backend=args.a)
@@ -142,6 +190,7 @@ def cmd_diff(args: argparse.Namespace) -> None:
     if b_is_dump:
         if args.model_b:
             raise InputError("--model-b and a dump as --b exclude each other")
+        diff.Dump(args.b)  # a missing or malformed dump fails before the run
         result = diff.diff_runs(model_a, None, proc, args.image, args.prompt, args.decode, args.tol, dump_b=args.b)
         b_desc = args.b
     else:
@@ -153,8 +202,11 @@ def cmd_diff(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_json(), f, indent=1)
+        log(f"wrote {args.json}: one record per activation")
     if args.plot:
         diff.plot(result, args.plot)
+        log(f"wrote {args.plot}: max rel error of every activation, per tower")
+    return EXIT_DIVERGED if result.first_divergent else 0
 
 
 def log(msg: str) -> None:
@@ -162,9 +214,20 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line on stderr (exit code 2), like refpg's own."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"refpg: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="refpg", description="Reference PaliGemma in NumPy.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    import refpg
+
+    ap = Parser(prog="refpg", description="Reference PaliGemma in NumPy.",
+                epilog="exit codes: 0 done, 1 diff found a divergence, 2 bad input (one line on stderr)")
+    ap.add_argument("--version", action="version", version=f"refpg {refpg.__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="answer a prompt about an image, streaming the answer")
     g.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, *.safetensors, tokenizer.model); "
@@ -191,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(run=cmd_demo)
 
     def run_args(p):
-        p.add_argument("--model", required=True, help="checkpoint directory")
+        p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
         p.add_argument("--image", required=True, help="image file")
         p.add_argument("--prompt", required=True, help="task prompt")
         p.add_argument("--decode", type=int, default=0, metavar="N", help="also capture N greedy decode steps")
@@ -217,16 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", False) is None:
+        args.model = demo_model_dir()
     try:
-        args.run(args)
+        return args.run(args) or 0
     except KeyboardInterrupt:
         log("\ninterrupted")
         return 130
     except USER_ERRORS as e:
         sys.stdout.flush()
         log(f"refpg: error: {e}")
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

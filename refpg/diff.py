@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -86,23 +87,60 @@ def dump(model, proc, image, prompt: str, out: str, decode_steps: int = 0) -> li
     return writer.names[:-1]
 
 
+class DumpError(ValueError):
+    """An activation dump that is missing, unreadable, not in refpg's format, or of another run."""
+
+
+_PHASE = re.compile(r"(prefill|decode\.(0|[1-9][0-9]*))/.+")
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
 class Dump:
-    """A dump on disk, read lazily activation by activation."""
+    """A dump on disk, read lazily activation by activation; its entries are checked as they are read."""
 
     def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise DumpError(f"{path}: activation dump not found")
         try:
             self.npz = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: not an activation dump ({e})") from None
-        if "meta.json" not in self.npz.files:
-            raise ValueError(f"{path}: not an activation dump (no meta.json entry)")
-        self.meta = json.loads(str(self.npz["meta.json"]))
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: dump format {self.meta.get('format')!r}, expected {FORMAT!r}")
+            if not isinstance(self.npz, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            meta = json.loads(str(self.npz["meta.json"])) if "meta.json" in self.npz.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, RecursionError) as e:
+            raise DumpError(f"{path}: not an activation dump ({type(e).__name__}: {e})") from None
+        if meta is None:
+            raise DumpError(f"{path}: not an activation dump (no meta.json entry)")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise DumpError(f"{path}: dump format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                            f"expected {FORMAT!r}")
+        for key in ("input_ids", "tokens"):
+            if key in meta and not _int_list(meta[key]):
+                raise DumpError(f"{path}: meta.json {key!r} must be a list of token ids")
+        self.meta = meta
         self.names = [n for n in self.npz.files if n != "meta.json"]
+        bad = [n for n in self.names if not _PHASE.fullmatch(n)]
+        if bad:
+            raise DumpError(f"{path}: entry {bad[0]!r} is not named <phase>/<activation> "
+                            f"(phase prefill or decode.<k>)")
+
+    @staticmethod
+    def step(name: str) -> int:
+        """The decode step of an entry (-1 for prefill)."""
+        phase = name.split("/", 1)[0]
+        return -1 if phase == "prefill" else int(phase.split(".")[1])
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.npz[name]
+        try:
+            a = self.npz[name]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DumpError(f"{self.path}: entry {name!r} is unreadable ({e})") from None
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
+            raise DumpError(f"{self.path}: entry {name!r} holds {a.dtype}, not real numbers")
+        return a
 
 
 # ---- comparing ---------------------------------------------------------------------------------
@@ -189,10 +227,13 @@ def diff_runs(model_a, model_b, proc, image, prompt: str, decode_steps: int = 0,
     if dump_b is not None:
         b = Dump(dump_b)
         if b.meta.get("input_ids") not in (None, batch["input_ids"][0].tolist()):
-            raise ValueError(f"{dump_b}: the dump was made from other input ids (another prompt or tokenizer)")
+            raise DumpError(f"{dump_b}: the dump was made from other input ids (another prompt or tokenizer)")
         tokens = b.meta.get("tokens", [])
         steps = min(decode_steps, len(tokens))
-        names = [n for n in b.names if n.startswith("prefill/") or int(n.split("/")[0].split(".")[1]) < steps]
+        if any(t >= model_a.config.text.vocab_size for t in tokens[:steps]):
+            raise DumpError(f"{dump_b}: its decode tokens lie outside this model's vocabulary "
+                            f"of {model_a.config.text.vocab_size} (a dump of another model?)")
+        names = [n for n in b.names if Dump.step(n) < steps]
         return diff_streams(names, b.__getitem__, lambda on: run_model(model_a, batch, steps, on, tokens=tokens),
                             tol, live_is_a=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,28 +273,41 @@ def format_table(result: DiffResult, color: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _tower(activation: str) -> str | None:
+    """Which panel of the plot an activation belongs to."""
+    if activation.startswith("vision.") or activation == "projector":
+        return "vision"
+    if activation.startswith("text.") or activation == "logits":
+        return "text"
+    return None
+
+
 def plot(result: DiffResult, path: str) -> None:
-    """A PNG of max rel error per layer output (log scale), one panel per tower, prefill only."""
+    """A PNG of max rel error (log scale) of every activation in forward order, one panel per tower:
+    prefill as a line, each decode step as a lighter one; the first divergence circled and named."""
     from PIL import Image, ImageDraw
 
-    panels = []
-    for tower in ("vision", "text"):
-        pts = [(int(r.name.split(".")[1]), r.max_rel) for r in result.records
-               if r.name.startswith(f"prefill/{tower}.") and r.name.count(".") == 1
-               and r.name.split(".")[1].isdigit()]
-        panels.append((tower, pts))
-    W, H, pad = 900, 320, 60
-    img = Image.new("RGB", (W, H * len(panels)), "white")
+    W, H, pad = 1000, 340, 60
+    towers = ("vision", "text")
+    series: dict[str, dict[str, list[tuple[str, float]]]] = {t: {} for t in towers}  # tower -> phase -> points
+    for r in result.records:
+        phase, activation = r.name.split("/", 1)
+        tower = _tower(activation)
+        if tower is not None:
+            series[tower].setdefault(phase, []).append((activation, r.max_rel))
+    img = Image.new("RGB", (W, H * len(towers)), "white")
     draw = ImageDraw.Draw(img)
     floor = 1e-12
-    values = [v for _, pts in panels for _, v in pts if v > 0 and math.isfinite(v)] or [floor]
+    values = [v for t in towers for pts in series[t].values() for _, v in pts if v > 0 and math.isfinite(v)]
+    values = values or [floor]
     lo = math.floor(math.log10(max(min(values), floor)))
     hi = max(math.ceil(math.log10(max(values))), lo + 1)
-    for p, (tower, pts) in enumerate(panels):
+    for p, tower in enumerate(towers):
         top = p * H
-        x0, x1, y0, y1 = pad, W - 20, top + 30, top + H - 40
+        x0, x1, y0, y1 = pad, W - 20, top + 30, top + H - 50
         draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text((x0, top + 8), f"{tower} tower: max rel error per layer (log scale, prefill)", fill="black")
+        draw.text((x0, top + 8), f"{tower}: max rel error of each activation, in forward order (log scale; "
+                                 f"blue: prefill, grey: decode steps; orange: --tol)", fill="black")
         for e in range(lo, hi + 1):
             y = y1 - (e - lo) / (hi - lo) * (y1 - y0)
             draw.line([x0, y, x1, y], fill=(225, 225, 225))
@@ -261,15 +315,34 @@ def plot(result: DiffResult, path: str) -> None:
         tol_y = y1 - (math.log10(result.tol) - lo) / (hi - lo) * (y1 - y0)
         if y0 <= tol_y <= y1:
             draw.line([x0, tol_y, x1, tol_y], fill=(240, 150, 0), width=1)
-        n = max((i for i, _ in pts), default=0) + 1
-        xy = []
-        for i, v in pts:
-            x = x0 + (i + 0.5) / n * (x1 - x0)
+        order = [a for a, _ in series[tower].get("prefill", [])]
+        for pts in series[tower].values():
+            order += [a for a, _ in pts if a not in order]
+        n = max(len(order), 1)
+        x_of = {a: x0 + (i + 0.5) / n * (x1 - x0) for i, a in enumerate(order)}
+        for a in order:  # tick the layer outputs with their index
+            parts = a.split(".")
+            if len(parts) == 2 and parts[1].isdigit():
+                draw.text((x_of[a] - 4, y1 + 5), parts[1], fill="black")
+
+        def y_of(v: float) -> float:
             v = min(max(v, 10.0 ** lo), 10.0 ** hi) if math.isfinite(v) else 10.0 ** hi
-            xy.append((x, y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)))
-            draw.text((x - 4, y1 + 5), str(i), fill="black")
-        if len(xy) > 1:
-            draw.line(xy, fill=(30, 90, 200), width=2)
-        for x, y in xy:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
+            return y1 - (math.log10(v) - lo) / (hi - lo) * (y1 - y0)
+
+        phases = sorted(series[tower], key=lambda ph: (ph != "prefill", ph))
+        for phase in reversed(phases):  # prefill drawn last, on top
+            color = (30, 90, 200) if phase == "prefill" else (170, 170, 170)
+            xy = [(x_of[a], y_of(v)) for a, v in series[tower][phase]]
+            if len(xy) > 1:
+                draw.line(xy, fill=color, width=2 if phase == "prefill" else 1)
+            for x, y in xy:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        if result.first_divergent:
+            phase, activation = result.first_divergent.split("/", 1)
+            if _tower(activation) == tower:
+                v = dict(series[tower][phase])[activation]
+                x, y = x_of[activation], y_of(v)
+                draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=(220, 20, 20), width=2)
+                label = f"first divergence: {result.first_divergent}"
+                draw.text((min(x + 10, x1 - 7 * len(label)), max(y - 18, y0 + 2)), label, fill=(220, 20, 20))
     img.save(path)

@@ -111,8 +111,9 @@ def test_cli_diff_writes_table_json_and_png(tiny, tmp_path):
                              "--image", image_of(tiny), "--prompt", PROMPT, "--decode", "2", "--tol", "1e-4",
                              "--json", str(js), "--plot", str(png)],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # a divergence, as cmp and diff say it
     assert "prefill/text.0.mlp_out" in result.stdout and "<-- first divergence" in result.stdout
+    assert f"wrote {js}" in result.stderr and f"wrote {png}" in result.stderr
     report = json.loads(js.read_text())
     assert report["first_divergent"] == "prefill/text.0.mlp_out"
     assert [r["name"] for r in report["records"]][:2] == ["prefill/vision.embeddings", "prefill/vision.0.attn_out"]
