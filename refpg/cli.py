@@ -134,6 +134,10 @@ def check_prompt(prompt: str) -> None:
     """A blank prompt is a mistake on the command line (the model would quietly caption the image)."""
     if not prompt.strip():
         raise InputError('--prompt is empty; give a task such as "caption en", "detect cat" or "answer en what is this?"')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that were not UTF-8 arrive as lone surrogates
+        raise InputError(f"--prompt {prompt!r} holds bytes that are not UTF-8 text") from None
 
 
 def check_output(path: str, flag: str, image: bool = False) -> None:

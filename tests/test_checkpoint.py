@@ -441,3 +441,72 @@ def test_negative_dimensions_are_a_checkpoint_error_naming_the_file(tmp_path):
     path = write_raw(tmp_path / "x.safetensors", {"w": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}},
                      b"\0" * 8)
     assert path in open_error(path)
+
+
+# ---- the format's tiling rule, sizes beyond int64, hostile headers ------------------------
+
+@pytest.mark.parametrize("offsets_b, words", [
+    ([4, 12], "overlaps"),         # b starts inside a
+    ([12, 20], "hole of 4 bytes"),  # 4 bytes between a and b
+])
+def test_overlapping_or_gapped_tensors_are_named(tmp_path, offsets_b, words):
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": offsets_b}}
+    path = write_raw(tmp_path / "x.safetensors", header, b"\0" * offsets_b[1])
+    msg = open_error(path)
+    assert path in msg and "'b'" in msg and words in msg
+
+
+def test_bytes_after_the_last_tensor_are_named(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                     b"\0" * 12)
+    msg = open_error(path)
+    assert path in msg and "4 bytes after the last tensor" in msg
+
+
+def test_shape_beyond_int64_is_a_checkpoint_error(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [2 ** 40, 2 ** 40], "data_offsets": [0, 8]}}
+    path = write_raw(tmp_path / "x.safetensors", header, b"\0" * 8)
+    msg = open_error(path)
+    assert path in msg and "'w'" in msg and "data_offsets" in msg
+
+
+def test_deeply_nested_header_is_a_checkpoint_error(tmp_path):
+    path = write_raw(tmp_path / "x.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    msg = open_error(path)
+    assert path in msg and "nested too deeply" in msg
+
+
+@pytest.mark.parametrize("shard", [7, None, "", "../model.safetensors", ["a"]])
+def test_index_mapping_a_tensor_to_something_not_a_shard_file_is_named(tmp_path, shard):
+    d = write_checkpoint(tmp_path, hub_tensors(), shards=2)
+    index = os.path.join(d, "model.safetensors.index.json")
+    with open(index) as f:
+        content = json.load(f)
+    content["weight_map"][TEXT + "norm.weight"] = shard
+    with open(index, "w") as f:
+        json.dump(content, f)
+    msg = error_of(d)
+    assert index in msg and TEXT + "norm.weight" in msg
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_named_at_load(tmp_path, dtype, bad):
+    tensors = hub_tensors()
+    tensors[TEXT + "layers.0.mlp.up_proj.weight"][3, 5] = bad
+    d = write_checkpoint(tmp_path, tensors, dtype=dtype)
+    msg = error_of(d)
+    assert TEXT + "layers.0.mlp.up_proj.weight" in msg and "NaN or infinite" in msg
+    for matrix_dtype in ("bfloat16", "auto"):  # kept as bf16 bits too
+        with pytest.raises(CheckpointError, match="up_proj"):
+            load_weights(d, load_config(d), matrix_dtype=matrix_dtype)
+
+
+def test_f32_value_beyond_bf16_range_is_named_when_rounded_to_bf16(tmp_path):
+    tensors = hub_tensors()
+    tensors[TEXT + "embed_tokens.weight"][1, 1] = np.finfo(np.float32).max  # rounds to bf16 inf
+    d = write_checkpoint(tmp_path, tensors)
+    load(d)  # as float32 it is a (huge) finite weight
+    with pytest.raises(CheckpointError, match="embed_tokens"):
+        load_weights(d, load_config(d), matrix_dtype="bfloat16")

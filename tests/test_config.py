@@ -258,3 +258,89 @@ def test_other_unsupported_configs_name_the_file(tmp_path, d):
     with pytest.raises(ConfigError) as e:
         load_config(str(tmp_path))
     assert path in str(e.value)
+
+
+# ---- every field checked for type and range, naming it ----------------------------------------
+
+def with_vision(**fields) -> dict:
+    d = copy.deepcopy(PALIGEMMA_3B)
+    d["vision_config"].update(fields)
+    return d
+
+
+def with_top(**fields) -> dict:
+    return {**copy.deepcopy(PALIGEMMA_3B), **fields}
+
+
+BAD_FIELDS = [
+    (with_text(hidden_size=64.7), "text_config.hidden_size = 64.7 is not an integer"),
+    (with_text(hidden_size="2048"), "text_config.hidden_size = \"2048\" is not an integer"),
+    (with_text(hidden_size=True), "text_config.hidden_size = true is not an integer"),
+    (with_text(hidden_size=[2048]), "text_config.hidden_size = [2048] is not an integer"),
+    (with_text(intermediate_size=0), "text_config.intermediate_size = 0 is out of range"),
+    (with_text(vocab_size=-5), "text_config.vocab_size = -5 is out of range"),
+    (with_text(num_hidden_layers=10 ** 9), "text_config.num_hidden_layers = 1000000000 is out of range"),
+    (with_vision(num_hidden_layers=10 ** 9), "vision_config.num_hidden_layers = 1000000000 is out of range"),
+    (with_text(model_type="gemma2", num_hidden_layers=10 ** 9), "text_config.num_hidden_layers"),
+    (with_text(num_attention_heads=0), "text_config.num_attention_heads = 0 is out of range"),
+    (with_vision(num_attention_heads=0), "vision_config.num_attention_heads = 0 is out of range"),
+    (with_vision(patch_size=0), "vision_config.patch_size = 0 is out of range"),
+    (with_vision(image_size=10 ** 30), "vision_config.image_size = 1000000000000000000000000000000 is out of range"),
+    (with_vision(num_channels=1), "vision_config.num_channels = 1 is out of range [3, 3]"),
+    (with_text(head_dim=1.5), "text_config.head_dim = 1.5 is not an integer"),
+    (with_text(rms_norm_eps=-1e-6), "text_config.rms_norm_eps = -1e-06 must be a finite number > 0"),
+    (with_vision(layer_norm_eps="1e-6"), "vision_config.layer_norm_eps = \"1e-6\" is not a number"),
+    (with_text(rope_theta=0), "text_config.rope_theta = 0 must be a finite number > 0"),
+    (with_text(rope_parameters={"rope_theta": float("inf")}), "text_config.rope_parameters.rope_theta = inf"),
+    (with_text(rope_parameters=[10000]), "text_config.rope_parameters must be a JSON object, got a list"),
+    (with_text(max_position_embeddings=0), "text_config.max_position_embeddings = 0 is out of range"),
+    (with_text(max_position_embeddings=100), "max_position_embeddings 100 cannot hold the 256 image tokens"),
+    (with_text(model_type="gemma2", attn_logit_softcapping="50"),
+     "text_config.attn_logit_softcapping = \"50\" is not a number"),
+    (with_text(model_type="gemma2", query_pre_attn_scalar=-256), "text_config.query_pre_attn_scalar = -256"),
+    (with_text(model_type="gemma2", sliding_window=0), "text_config.sliding_window = 0 is out of range"),
+    (with_text(model_type="gemma2", num_hidden_layers=2, layer_types="sliding_attention"),
+     "text_config.layer_types must list"),
+    (with_text(model_type="gemma2", num_hidden_layers=2, layer_types=[1, 2]), "text_config.layer_types must list"),
+    (with_text(hidden_act=["gelu"]), "text_config.hidden_act = [\"gelu\"] is not a string"),
+    (with_text(model_type=3), "text_config.model_type = 3 is not a string"),
+    (with_top(vision_config=[1, 2]), "vision_config must be a JSON object, got a list"),
+    (with_top(text_config="gemma"), "text_config must be a JSON object, got a string"),
+    (with_top(tie_word_embeddings="false"), "tie_word_embeddings = \"false\" is not true or false"),
+    (with_top(image_token_index=-1), "image_token_index = -1 is out of range"),
+    (with_top(image_token_index="257152"), "image_token_index = \"257152\" is not an integer"),
+    (with_top(eos_token_id=10 ** 6), "eos_token_id = 1000000 is out of range [0, 257215]"),
+    (with_text(bos_token_id=-2), "text_config.bos_token_id = -2 is out of range"),
+    (with_top(projection_dim=1024), "projection_dim 1024 differs from text_config.hidden_size 2048"),
+    (with_top(model_type=["paligemma"]), "model_type = [\"paligemma\"] is not a string"),
+]
+
+
+@pytest.mark.parametrize("d, message", BAD_FIELDS, ids=[m.split(" ")[0] + "|" + m.split(" = ")[-1][:20]
+                                                        for _, m in BAD_FIELDS])
+def test_a_field_of_the_wrong_type_or_range_is_a_config_error_naming_it(tmp_path, d, message):
+    path = write_config(tmp_path, d)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path))
+    assert path in str(e.value) and message in str(e.value)
+
+
+def test_integral_floats_are_integers_and_false_unties_the_head():
+    cfg = config_from_dict({**with_text(hidden_size=2048.0, num_hidden_layers=18.0), "tie_word_embeddings": False})
+    assert (cfg.text.hidden_size, cfg.text.num_hidden_layers) == (2048, 18)
+    assert isinstance(cfg.text.hidden_size, int) and cfg.tie_word_embeddings is False
+
+
+def test_a_billion_layers_fails_at_once_not_when_memory_runs_out():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ConfigError):
+        config_from_dict(with_text(model_type="gemma2", num_hidden_layers=10 ** 9))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_model_given_a_file_says_it_is_a_file(tmp_path):
+    path = write_config(tmp_path, PALIGEMMA_3B)
+    with pytest.raises(ConfigError, match="is a file"):
+        load_config(path)

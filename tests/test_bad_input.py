@@ -1,0 +1,242 @@
+"""Bad input gets a clear error, never a traceback, hang or silent garbage: CLI flags, environment
+variables and API arguments, each named in the message (the CLI: one line on stderr, exit code 2).
+The seeded, randomized versions of these checks are in tests/test_fuzz_inputs.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from conftest import ROOT
+from refpg import PaliGemma, Processor
+from refpg.backend import BackendError, Selection
+from refpg.model import InputError
+from refpg.processor import ProcessorError
+
+TINY = os.path.join(ROOT, "tests", "data", "tiny-random")  # shipped, 3 + 3 layers, no torch needed
+IMAGE = os.path.join(TINY, "image0.png")
+
+
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "refpg", *args], capture_output=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refpg: error:"), stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def generate(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("generate", "--model", TINY, "--image", IMAGE, *flags, env=env)
+
+
+# ---- CLI flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--prompt", "caption en", "--temperature", "nan"], "--temperature"),
+    (["--prompt", "caption en", "--temperature", "inf"], "--temperature"),
+    (["--prompt", "caption en", "--temperature", "-1"], "--temperature"),
+    (["--prompt", "caption en", "--temperature", "1", "--top-k", "0"], "--top-k"),
+    (["--prompt", "caption en", "--temperature", "1", "--top-p", "1.5"], "--top-p"),
+    (["--prompt", "caption en", "--temperature", "1", "--top-p", "nan"], "--top-p"),
+    (["--prompt", "caption en", "--seed", "-1"], "--seed"),
+    (["--prompt", "caption en", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--prompt", "caption en", "--max-new-tokens", "ten"], "--max-new-tokens"),
+    (["--prompt", "caption en", "--draw", "boxes.txt"], "--draw boxes.txt: not an image file name"),
+    (["--prompt", "caption en", "--draw", "no/such/folder/boxes.png"], "does not exist"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  \t "], "--prompt is empty"),
+    (["--prompt", "caption en", "--backend", "gpu"], "unknown backend 'gpu'"),
+    (["--prompt", "caption en", "--backend", "matmul=cpp,attention"], "op=backend pairs"),
+    (["--prompt", "caption en", "--bogus"], "unrecognized arguments: --bogus"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_generate_flags_are_one_line_errors_naming_the_flag(flags, needle):
+    assert_one_line_error(generate(*flags), needle)
+
+
+def test_prompt_bytes_that_are_not_utf8_are_a_one_line_error():
+    result = subprocess.run([sys.executable, "-m", "refpg", "generate", "--model", TINY, "--image", IMAGE,
+                             "--prompt", b"caption \xff\xfe en"], capture_output=True, cwd=ROOT, timeout=120)
+    assert_one_line_error(result, "--prompt", "not UTF-8")
+
+
+def test_a_vanishingly_small_temperature_samples_the_greedy_answer():
+    greedy = generate("--prompt", "caption en", "--max-new-tokens", "5")
+    tiny_t = generate("--prompt", "caption en", "--max-new-tokens", "5", "--temperature", "1e-310", "--seed", "3")
+    assert greedy.returncode == 0 and tiny_t.returncode == 0, tiny_t.stderr
+    assert tiny_t.stdout == greedy.stdout
+
+
+def test_model_given_a_file_is_a_one_line_error():
+    assert_one_line_error(run_cli("generate", "--model", IMAGE, "--image", IMAGE, "--prompt", "caption en"),
+                          "is a file")
+
+
+def test_dump_with_negative_decode_steps_is_a_one_line_error(tmp_path):
+    assert_one_line_error(run_cli("dump", "--model", TINY, "--image", IMAGE, "--prompt", "caption en",
+                                  "--decode", "-1", "--out", str(tmp_path / "d.npz")), "--decode")
+
+
+@pytest.fixture(scope="module")
+def tiny_dump(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("dump") / "tiny.npz")
+    result = run_cli("dump", "--model", TINY, "--image", IMAGE, "--prompt", "caption en", "--decode", "2",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def rewrite_dump(src: str, dst: str, change) -> str:
+    with np.load(src) as z:
+        entries = {k: z[k] for k in z.files}
+    change(entries)
+    np.savez(dst, **entries)
+    return dst
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d, tmp: str(tmp / "missing.npz"), "not found"),
+    (lambda d, tmp: (tmp / "junk.npz").write_bytes(b"PK\x03\x04 garbage") and str(tmp / "junk.npz"),
+     "not an activation dump"),
+    (lambda d, tmp: rewrite_dump(d, str(tmp / "nometa.npz"), lambda e: e.pop("meta.json")), "no meta.json"),
+    (lambda d, tmp: rewrite_dump(d, str(tmp / "badmeta.npz"),
+                                 lambda e: e.update({"meta.json": np.array('{"format": "other/9"}')})), "other/9"),
+    (lambda d, tmp: rewrite_dump(d, str(tmp / "badname.npz"),
+                                 lambda e: e.update({"stuff": np.zeros(3)})), "'stuff'"),
+    (lambda d, tmp: rewrite_dump(d, str(tmp / "strings.npz"),
+                                 lambda e: e.update({"prefill/logits": np.array(["a", "b"])})), "not real numbers"),
+], ids=["missing", "garbage", "no-meta", "other-format", "bad-entry-name", "string-entry"])
+def test_diff_against_a_missing_garbage_or_foreign_dump_is_a_one_line_error(tiny_dump, tmp_path, make, needle):
+    b = make(tiny_dump, tmp_path)
+    assert_one_line_error(run_cli("diff", "--model", TINY, "--image", IMAGE, "--prompt", "caption en",
+                                  "--decode", "2", "--b", b), needle)
+
+
+def test_diff_against_a_dump_of_another_prompt_is_a_one_line_error(tiny_dump):
+    assert_one_line_error(run_cli("diff", "--model", TINY, "--image", IMAGE, "--prompt", "detect cat",
+                                  "--b", tiny_dump), "other input ids")
+
+
+def test_diff_exit_code_is_0_when_the_runs_agree_and_1_when_they_part(tiny_dump, tmp_path):
+    same = run_cli("diff", "--model", TINY, "--image", IMAGE, "--prompt", "caption en", "--decode", "2",
+                   "--b", tiny_dump)
+    assert same.returncode == 0, same.stderr
+    moved = rewrite_dump(tiny_dump, str(tmp_path / "moved.npz"),
+                         lambda e: e.update({"prefill/text.1": e["prefill/text.1"] * 1.01}))
+    parted = run_cli("diff", "--model", TINY, "--image", IMAGE, "--prompt", "caption en", "--decode", "2",
+                     "--b", moved)
+    assert parted.returncode == 1, parted.stderr
+    assert b"first activation beyond max rel 0.001: prefill/text.1" in parted.stdout
+
+
+def test_dump_and_diff_default_to_the_demo_model(tmp_path):
+    out = tmp_path / "demo.npz"
+    result = run_cli("dump", "--image", IMAGE, "--prompt", "caption en", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("diff", "--image", IMAGE, "--prompt", "caption en", "--b", str(out))
+    assert result.returncode == 0, result.stderr
+    assert b"no divergence" in result.stdout
+
+
+def test_version_and_python_dash_m_refpg():
+    import refpg
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.decode().strip() == f"refpg {refpg.__version__}"
+    assert run_cli("--help").returncode == 0
+
+
+# ---- environment ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, needle", [
+    ({"REFPG_THREADS": "many"}, "REFPG_THREADS='many'"),
+    ({"REFPG_THREADS": "0"}, "REFPG_THREADS='0'"),
+    ({"REFPG_THREADS": "-2"}, "REFPG_THREADS='-2'"),
+    ({"REFPG_THREADS": str(10 ** 9)}, "REFPG_THREADS='1000000000'"),
+    ({"REFPG_SIMD": "sse9"}, "REFPG_SIMD must be amx, avx512, avx2, scalar or auto, got 'sse9'"),
+    ({"REFPG_BACKEND": "fast"}, "REFPG_BACKEND='fast'"),
+    ({"REFPG_CHECK": "maybe"}, "REFPG_CHECK='maybe'"),
+], ids=lambda v: next(iter(v.items())) if isinstance(v, dict) else None)
+def test_bad_environment_variables_are_one_line_errors_naming_them(env, needle):
+    pytest.importorskip("refpg._C", reason="REFPG_THREADS and REFPG_SIMD configure the native kernels")
+    assert_one_line_error(generate("--prompt", "caption en", env=env), needle)  # default backend: auto = cpp
+
+
+def test_a_simd_path_this_cpu_lacks_is_a_one_line_error():
+    from refpg import _C
+
+    features = _C.cpu_features()
+    lacking = next((path for path, has in (("amx", features.get("amx_bf16")), ("avx512", features.get("avx512f")))
+                    if not has), None)
+    if lacking is None:
+        pytest.skip("this CPU has every SIMD path refpg can be forced to")
+    assert_one_line_error(generate("--prompt", "caption en", "--backend", "cpp", env={"REFPG_SIMD": lacking}),
+                          f"REFPG_SIMD={lacking}", "lacks" if lacking == "avx512" else "no AMX")
+
+
+def test_refpg_check_reads_yes_and_no_words(monkeypatch):
+    for value, on in (("0", False), ("false", False), ("No", False), ("1", True), ("TRUE", True), ("on", True)):
+        monkeypatch.setenv("REFPG_CHECK", value)
+        assert Selection.from_spec("numpy").check is on, value
+
+
+# ---- API arguments ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    proc = Processor.from_pretrained(TINY)
+    return PaliGemma.from_pretrained(TINY, backend="numpy"), proc(images=[IMAGE], prompts=["caption en"])
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m, b: m.generate([b["input_ids"]]), "batch must be a dict"),
+    (lambda m, b: m.generate({"pixel_values": b["pixel_values"]}), "batch must be a dict with input_ids"),
+    (lambda m, b: m.generate(b, max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (lambda m, b: m.generate(b, max_new_tokens="3"), "max_new_tokens must be an integer"),
+    (lambda m, b: m.generate(b, max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (lambda m, b: m.generate(b, temperature=float("nan")), "temperature must be a finite number"),
+    (lambda m, b: m.generate(b, temperature=1.0, top_k=2.5), "top_k must be an integer"),
+    (lambda m, b: m.generate(b, seed=-1), "seed must be an integer >= 0"),
+    (lambda m, b: m.generate({**b, "token_type_ids": np.full(b["input_ids"].shape, "a")}),
+     "token_type_ids must hold only 0 and 1"),
+    (lambda m, b: m.generate({**b, "token_type_ids": b["token_type_ids"] + 2}), "token_type_ids must hold only 0 and 1"),
+    (lambda m, b: m.generate({**b, "attention_mask": b["attention_mask"][:, 1:]}), "attention_mask must have the shape"),
+    (lambda m, b: m.generate({**b, "pixel_values": b["pixel_values"] * np.nan}), "pixel_values holds NaN"),
+    (lambda m, b: m.generate({**b, "pixel_values": b["pixel_values"].astype(str)}), "pixel_values must be a float"),
+    (lambda m, b: m.generate({**b, "pixel_values": b["pixel_values"][:0]}), "pixel_values must be"),
+    (lambda m, b: m.new_cache(max_len=10 ** 9), "exceeds the model's max_position_embeddings"),
+    (lambda m, b: m.new_cache(batch_size=0), "batch_size must be an integer >= 1"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_api_misuse_raises_input_error_naming_the_argument(model_and_batch, call, needle):
+    with pytest.raises(InputError, match=needle.replace("(", r"\(")):
+        call(*model_and_batch)
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 8, 3), np.uint8), np.zeros((8, 0, 3), np.uint8),
+                                   PIL.Image.new("RGB", (0, 5)), PIL.Image.new("RGBA", (5, 0))],
+                         ids=["array-0-rows", "array-0-cols", "pil-0-wide", "pil-rgba-0-high"])
+def test_zero_size_images_are_processor_errors(image):
+    with pytest.raises(ProcessorError, match="no pixels"):
+        Processor.from_pretrained(TINY)(images=[image], prompts=["caption en"])
+
+
+def test_a_prompt_with_lone_surrogates_is_a_processor_error():
+    with pytest.raises(ProcessorError, match="not UTF-8"):
+        Processor.from_pretrained(TINY)(images=[IMAGE], prompts=["caption \udcff en"])
+
+
+def test_backend_spec_of_the_wrong_type_is_a_backend_error():
+    with pytest.raises(BackendError, match="string or a dict"):
+        Selection.from_spec(["cpp"])
