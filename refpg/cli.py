@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import refpg
+
 from refpg.backend import BackendError, BackendMismatch
 from refpg.config import ConfigError
 from refpg.diff import DumpError
@@ -25,11 +27,6 @@ USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, InputError, OSError
 EXIT_DIVERGED, EXIT_BAD_INPUT = 1, 2
 
 
-def demo_model_dir() -> str:
-    """The tiny trained PaliGemma shipped inside the package (tools/train_demo.py writes it)."""
-    import refpg
-
-    return os.path.join(os.path.dirname(refpg.__file__), "data", "demo")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -96,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from refpg.model import PaliGemma
     from refpg.processor import Processor
 
-    path = demo_model_dir()
+    path = refpg.DEMO_MODEL
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(path)
     model = PaliGemma.from_pretrained(path)  # no backend: the fastest available
@@ -285,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "model", False) is None:
-        args.model = demo_model_dir()
+        args.model = refpg.DEMO_MODEL
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:

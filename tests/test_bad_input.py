@@ -240,3 +240,16 @@ def test_a_prompt_with_lone_surrogates_is_a_processor_error():
 def test_backend_spec_of_the_wrong_type_is_a_backend_error():
     with pytest.raises(BackendError, match="string or a dict"):
         Selection.from_spec(["cpp"])
+
+
+def test_the_readme_python_example_runs_as_written():
+    """The README promises that its API block runs as written, on the shipped demo model."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("## Python API"):]
+    block = section[section.index("```python\n") + len("```python\n"):]
+    block = block[:block.index("```")]
+    scope: dict = {}
+    exec(compile(block, "README.md (Python API)", "exec"), scope)
+    assert scope["text"] == "a green square and a blue square"  # the demo block's scene 1 caption
+    assert scope["step"].shape == (1,) and scope["logits"].shape[:2] == scope["batch"]["input_ids"].shape

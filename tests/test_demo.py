@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT
 from refpg import PaliGemma, Processor, scenes
 from refpg import backend as backends
-from refpg.cli import demo_model_dir
+from refpg import DEMO_MODEL
 
 SEEDS = range(600, 630)
 FLOORS = {"caption": 0.85, "count": 0.95, "colour": 0.95, "detect": 0.95, "detect all": 0.95}  # fraction right, per kind
@@ -31,7 +31,7 @@ MAX_NEW_TOKENS = 24  # the longest answer, every box of three objects, is 19 tok
 
 @pytest.fixture(scope="module")
 def demo_dir():
-    path = demo_model_dir()
+    path = DEMO_MODEL
     assert os.path.isfile(os.path.join(path, "model.safetensors")), \
         f"{path} is missing the shipped demo model (tools/train_demo.py writes it)"
     return path
