@@ -93,6 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from refpg.model import PaliGemma
     from refpg.processor import Processor
 
+    check_output(args.out, "--out", image=True)
     path = refpg.DEMO_MODEL
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(path)

@@ -79,6 +79,11 @@ def test_a_vanishingly_small_temperature_samples_the_greedy_answer():
     assert tiny_t.stdout == greedy.stdout
 
 
+@pytest.mark.parametrize("out, needle", [("scenes.npz", "not an image file name"), ("nowhere/x.png", "does not exist")])
+def test_demo_out_that_cannot_be_an_image_is_a_one_line_error(out, needle):
+    assert_one_line_error(run_cli("demo", "--out", out), "--out", needle)
+
+
 def test_model_given_a_file_is_a_one_line_error():
     assert_one_line_error(run_cli("generate", "--model", IMAGE, "--image", IMAGE, "--prompt", "caption en"),
                           "is a file")
