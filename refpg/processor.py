@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -125,19 +126,26 @@ def read_image_spec(model_dir: str, image_size: int, num_image_tokens: int) -> I
         return ImageSpec(
             size=image_size,
             resample=PIL.Image.Resampling(d.get("resample", default.resample)),
-            rescale_factor=float(d.get("rescale_factor", default.rescale_factor)),
+            rescale_factor=_finite(d.get("rescale_factor", default.rescale_factor), "rescale_factor", nonzero=True),
             mean=_three_floats(d.get("image_mean", default.mean), "image_mean"),
-            std=_three_floats(d.get("image_std", default.std), "image_std"),
+            std=_three_floats(d.get("image_std", default.std), "image_std", nonzero=True),
         )
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
         raise ProcessorError(f"{path}: {e}") from None
 
 
-def _three_floats(value, name: str) -> tuple[float, float, float]:
+def _finite(value, name: str, nonzero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (nonzero and value == 0):
+        raise ValueError(f"{name} must be a finite{' nonzero' if nonzero else ''} number, got {value!r}")
+    return float(value)
+
+
+def _three_floats(value, name: str, nonzero: bool = False) -> tuple[float, float, float]:
     values = [value] * 3 if isinstance(value, (int, float)) else list(value)
     if len(values) != 3:
         raise ValueError(f"{name} must have 3 values, got {value!r}")
-    return tuple(float(v) for v in values)
+    return tuple(_finite(v, name, nonzero) for v in values)
 
 
 # ---------------------------------------------------------------- text

@@ -176,6 +176,22 @@ def test_preprocessor_config_disagreeing_with_the_model_is_an_error(model_dir, t
         Processor.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("settings, needle", [
+    ({"image_mean": [0.5, float("nan"), 0.5]}, "image_mean must be a finite number"),
+    ({"image_std": 0}, "image_std must be a finite nonzero number"),
+    ({"image_std": ["a", 1, 1]}, "image_std must be a finite nonzero number"),
+    ({"rescale_factor": "1/255"}, "rescale_factor must be a finite nonzero number"),
+    ({"size": [224, 224]}, "preprocessor_config.json"),
+], ids=["nan-mean", "zero-std", "string-std", "string-rescale", "size-list"])
+def test_preprocessor_config_values_that_would_poison_pixels_are_errors(model_dir, tmp_path, settings, needle):
+    for name in ("config.json", "tokenizer.model"):
+        (tmp_path / name).write_bytes(open(os.path.join(model_dir, name), "rb").read())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ProcessorError, match=needle) as e:
+        Processor.from_pretrained(tmp_path)
+    assert "preprocessor_config.json" in str(e.value)
+
+
 # ---------------------------------------------------------------- text
 
 def _tokenize_like_oracle(proc, oracle, prompt, suffix=None):
