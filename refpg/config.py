@@ -305,8 +305,7 @@ def config_from_dict(d) -> PaliGemmaConfig:
         fields = inner if inner.has(name) else top
         if isinstance(fields.d.get(name), list):  # some configs list several eos ids; the first is <eos>
             ids = fields.d[name]
-            fields = _Fields({name: ids[0] if ids else None}, fields.name(name) + "[0]")
-            return fields.int(name, default, lo=0, hi=V - 1)
+            fields = _Fields({name: ids[0] if ids else None}, fields.path)
         return fields.int(name, default, lo=0, hi=V - 1)
 
     image_key = "image_token_index" if top.has("image_token_index") else "image_token_id"

@@ -311,6 +311,7 @@ BAD_FIELDS = [
     (with_top(image_token_index="257152"), "image_token_index = \"257152\" is not an integer"),
     (with_top(eos_token_id=10 ** 6), "eos_token_id = 1000000 is out of range [0, 257215]"),
     (with_text(bos_token_id=-2), "text_config.bos_token_id = -2 is out of range"),
+    (with_text(eos_token_id=[1.5, 107]), "text_config.eos_token_id = 1.5 is not an integer"),
     (with_top(projection_dim=1024), "projection_dim 1024 differs from text_config.hidden_size 2048"),
     (with_top(model_type=["paligemma"]), "model_type = [\"paligemma\"] is not a string"),
 ]
