@@ -334,8 +334,8 @@ def load_config(model_dir: str) -> PaliGemmaConfig:
     if not os.path.exists(model_dir):
         raise ConfigError(f"model directory {model_dir!r} does not exist")
     if not os.path.isdir(model_dir):
-        raise ConfigError(f"{model_dir!r} is a file; --model / from_pretrained take a checkpoint directory "
-                          f"(config.json, *.safetensors, tokenizer.model)")
+        raise ConfigError(f"{model_dir!r} is a file, not a checkpoint directory "
+                          f"(a directory with config.json, *.safetensors, tokenizer.model)")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: missing (a PaliGemma checkpoint directory has a config.json)")
     try:

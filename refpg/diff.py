@@ -65,7 +65,13 @@ def run_model(model, batch: dict, decode_steps: int, on_activation: Callable[[st
     """
     phase = ["prefill"]
     fed: list[int] = []
+    from refpg.model import InputError
+
     ids = batch["input_ids"]
+    limit = model.config.text.max_position_embeddings
+    if ids.shape[1] + decode_steps > limit:
+        raise InputError(f"prompt of {ids.shape[1]} tokens + {decode_steps} decode steps exceeds the model's "
+                         f"limit of {limit} positions")
     cache = model.new_cache(ids.shape[0], ids.shape[1] + decode_steps)
     with capture(lambda name, x: on_activation(f"{phase[0]}/{name}", x)):
         logits = model(ids, batch["pixel_values"], token_type_ids=batch["token_type_ids"],

@@ -89,8 +89,9 @@ class PaliGemma:
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != want or pixel_values.shape[0] == 0:
             raise InputError(f"pixel_values must be [B, {want[0]}, {want[1]}, {want[2]}] with B >= 1, "
                              f"got {list(pixel_values.shape)}")
-        if not (np.issubdtype(pixel_values.dtype, np.floating) or np.issubdtype(pixel_values.dtype, np.integer)):
-            raise InputError(f"pixel_values must be a float array, got {pixel_values.dtype}")
+        if not np.issubdtype(pixel_values.dtype, np.floating):  # uint8 would be raw, unnormalized pixels
+            raise InputError(f"pixel_values must be a float array (normalized, as the Processor makes them), "
+                             f"got {pixel_values.dtype}")
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if not np.isfinite(pixels).all():
             raise InputError("pixel_values holds NaN or infinite values")
@@ -162,6 +163,8 @@ class PaliGemma:
             return a
 
         valid = np.ones(ids.shape, bool) if attention_mask is None else as_flags(attention_mask, "attention_mask") != 0
+        if (cache is None or cache.length == 0) and not valid.any(axis=1).all():
+            raise InputError(f"attention_mask row {int(np.flatnonzero(~valid.any(axis=1))[0])} has no real token")
         if token_type_ids is None:
             prefix = np.zeros(ids.shape, bool)  # transformers without token types: plain causal attention
         else:
@@ -202,7 +205,8 @@ class PaliGemma:
         B, T = ids.shape
         limit = self.config.text.max_position_embeddings
         if T + max_new_tokens > limit:
-            raise InputError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's limit of {limit}")
+            raise InputError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's limit of "
+                             f"{limit} positions")
         rng = np.random.default_rng(seed)
         cache = self.new_cache(B, T + max_new_tokens)
         step_logits = self(ids, batch.get("pixel_values"), token_type_ids=batch.get("token_type_ids"),

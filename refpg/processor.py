@@ -76,7 +76,10 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 def as_rgb_image(image, index: int = 0) -> PIL.Image.Image:
     """A PIL image, a path or a uint8 [H, W, 3] array, as an RGB PIL image (at least 1×1 pixel)."""
     if isinstance(image, PIL.Image.Image):
-        rgb = to_rgb(image)
+        try:
+            rgb = to_rgb(image)
+        except Exception as e:  # a closed image, a mode Pillow cannot convert, pixels it cannot load
+            raise ProcessorError(f"image {index}: Pillow cannot read this image ({type(e).__name__}: {e})") from None
     elif isinstance(image, (str, os.PathLike)):
         rgb = open_image(image)
     elif isinstance(image, np.ndarray):
@@ -215,10 +218,10 @@ class Processor:
     def _check_ids(self, source: str) -> None:
         for name, expected in (("<pad>", self.pad_token_id), ("<eos>", self.eos_token_id), ("<bos>", self.bos_token_id)):
             if not (0 <= expected < self.vocab_size and self.sp.id_to_piece(expected) == name):
-                raise ProcessorError(f"{source}: config says {name} is id {expected}, the tokenizer disagrees")
+                raise ProcessorError(f"{source}: config.json says {name} is id {expected}, the tokenizer disagrees")
         if self.image_token_index < self.vocab_size and self.sp.id_to_piece(self.image_token_index) != IMAGE_TOKEN:
-            raise ProcessorError(f"{source}: image_token_index {self.image_token_index} is the piece "
-                                 f"{self.sp.id_to_piece(self.image_token_index)!r}, not {IMAGE_TOKEN}")
+            raise ProcessorError(f"{source}: config.json's image_token_index {self.image_token_index} is the piece "
+                                 f"{self.sp.id_to_piece(self.image_token_index)!r} here, not {IMAGE_TOKEN}")
 
     # -- images
 
