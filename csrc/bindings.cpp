@@ -4,6 +4,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <climits>
+
 #include "check.h"
 #include "cpu/activations.h"
 #include "cpu/attention.h"
@@ -70,6 +72,20 @@ struct Arg {
     }
     if (!std::isfinite(c) || c == 0.0) fail(op, std::string(name) + " must be finite and nonzero");
     return static_cast<float>(c);
+  }
+  // A Python integer (or numpy integer; not a bool) up to `max`: ValueError naming the limit
+  // beyond it, TypeError for anything else. Values below INT_MIN come back as INT_MIN.
+  static int integer_at_most(const std::string& op, const char* name, const py::object& o, int max,
+                             const char* unit) {
+    if (py::isinstance<py::bool_>(o) || !PyIndex_Check(o.ptr()))
+      throw py::type_error(op + ": " + name + " must be an integer, got " + std::string(py::str(py::type::handle_of(o))));
+    const py::int_ i = py::reinterpret_steal<py::int_>(PyNumber_Index(o.ptr()));
+    if (!i) throw py::error_already_set();
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+    if (overflow > 0 || v > max)
+      fail(op, std::string(name) + " = " + std::string(py::str(i)) + " is beyond the limit of " + std::to_string(max) + unit);
+    return overflow < 0 || v < INT_MIN ? INT_MIN : static_cast<int>(v);
   }
   // The AVX2+FMA kernels unless the path is scalar (simd_path() picks no vector path without them).
   static bool avx2() { return simd_path() != SimdPath::Scalar; }
@@ -411,8 +427,17 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "SIMD features of this CPU, detected at run time (CPUID + XGETBV).");
   m.def("num_threads", &num_threads, "threads the kernels use");
-  m.def("set_num_threads", &set_num_threads, py::arg("n"),
-        "set the kernels' thread count (n <= 0: the number of available cores)");
+  m.def(
+      "set_num_threads",
+      [](const py::object& n_arg) {
+        const std::string op = "set_num_threads";
+        const int n = Arg::integer_at_most(op, "n", n_arg, kMaxThreads, " threads");
+        py::gil_scoped_release unlocked;  // waits for a job another thread is running
+        set_num_threads(n);
+      },
+      py::arg("n"),
+      "set the kernels' thread count, at most 1024 (n <= 0: the number of available cores); waits for a "
+      "kernel running in another thread, and the new threads start with the next kernel");
 
   // ---- matmul / linear ------------------------------------------------------------------------
   m.def("simd_path", [] { return std::string(simd_path_name(simd_path())); },
