@@ -3,6 +3,7 @@
 // when the build found nvcc, csrc/cuda/ (the submodule _C.cuda, on device tensors).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::vector <-> list / tuple: shapes and strides of the cuda bindings
 
 #include <climits>
 
