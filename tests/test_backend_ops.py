@@ -8,15 +8,22 @@ with the reason.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
 from refpg import backend
 from refpg.gemma import prefix_lm_mask
-from refpg.ops import f32_to_bf16, rope_cos_sin
+from refpg.ops import bf16_to_f32, f32_to_bf16, rope_cos_sin
 
 F32 = np.float32
-rng = np.random.default_rng(1234)
+rng = np.random.default_rng(1234)  # reseeded per op-table case (case_rng)
+
+
+def case_rng(op: str, case: str) -> np.random.Generator:
+    """A case's own generator: its inputs do not change when cases are added, reordered or deselected."""
+    return np.random.default_rng(zlib.crc32(f"{op}-{case}".encode()))
 
 
 def randn(*shape, scale=1.0):
@@ -33,22 +40,29 @@ def linear_case(M, K, N, bias=True, bf16=False, batch=None):
     return build
 
 
-def norm_case(op, shape):
+def norm_case(op, shape, x_scale=3.0, offset=0.5, eps=1e-6):
+    """x_scale 1e-4, offset 0: mean(x²) and the variance are ~1e-8, so eps (1e-6) dominates them
+    and an eps added in the wrong place shows; with the defaults it is negligible."""
     def build():
-        x = randn(*shape, scale=3.0) + F32(0.5)
+        x = randn(*shape, scale=x_scale) + F32(offset)
         D = shape[-1]
         if op == "rms_norm":
-            return (x, randn(D, scale=0.3), 1e-6)
-        return (x, 1 + randn(D, scale=0.3), randn(D, scale=0.1), 1e-6)
+            return (x, randn(D, scale=0.3), eps)
+        return (x, 1 + randn(D, scale=0.3), randn(D, scale=0.1), eps)
     return build
 
 
-def attention_case(B, T, S, H, KV, hd, mask="prefix", softcap=None, max_len=None):
+def attention_case(B, T, S, H, KV, hd, mask="prefix", softcap=None, max_len=None, score_scale=None):
+    """score_scale: q and k times it, so scores reach ~score_scale² (a softmax without the max
+    subtracted overflows exp beyond 88); q and k are then rounded to bf16 values, which AMX's split
+    of each operand into two bf16 parts carries exactly — the case measures the softmax, not the split."""
     def build():
         max_s = max_len or S
         cache_k = randn(B, max_s, KV, hd)
         cache_v = randn(B, max_s, KV, hd)
         q = randn(B, T, H, hd)
+        if score_scale:
+            q, cache_k = (bf16_to_f32(f32_to_bf16(a * F32(score_scale))) for a in (q, cache_k))
         start = S - T
         if mask is None:
             m = None  # every key visible (SigLIP)
@@ -95,6 +109,9 @@ CASES.append(("linear", "batched-3d", linear_case(5, 24, 40, batch=(2,))))
 for op in ("rms_norm", "layer_norm"):
     for shape in [(1, 1), (3, 7), (2, 5, 33), (17, 1152), (4, 2048)]:
         CASES.append((op, "x".join(map(str, shape)), norm_case(op, shape)))
+    for shape in [(3, 7), (4, 2048)]:  # eps dominates mean(x²) / the variance; then is of their size
+        CASES.append((op, "x".join(map(str, shape)) + "-eps-dominates", norm_case(op, shape, 1e-4, 0.0, 1e-6)))
+        CASES.append((op, "x".join(map(str, shape)) + "-eps-matters", norm_case(op, shape, 1e-3, 0.0, 1e-6)))
 for shape in [(1,), (7,), (3, 33), (2, 5, 1000)]:
     sid = "x".join(map(str, shape))
     CASES.append(("gelu_tanh", sid, lambda shape=shape: (randn(*shape, scale=4.0),)))
@@ -125,6 +142,12 @@ for args in [
     dict(B=1, T=70, S=70, H=8, KV=1, hd=64),  # 560 rows: two passes
     dict(B=1, T=40, S=40, H=2, KV=1, hd=16, softcap=50.0, mask="blind"),
     dict(B=1, T=32, S=32, H=1, KV=1, hd=8, mask="random"),
+    # scores up to ~1e3 (exp overflows without the max subtracted), with and without a soft-cap
+    # above 88: decode, small prefill (fused tiles) and the GEMM prefill
+    *(dict(**shape, score_scale=21.0, softcap=cap) for cap in (None, 500.0) for shape in (
+        dict(B=1, T=1, S=40, H=4, KV=1, hd=16),
+        dict(B=2, T=5, S=20, H=4, KV=2, hd=16),
+        dict(B=1, T=40, S=40, H=2, KV=1, hd=16))),
 ]:
     name = "-".join(f"{k}{v}" for k, v in args.items())
     CASES.append(("attention", name, attention_case(**args)))
@@ -168,6 +191,8 @@ def test_op_matches_numpy_reference(be, op, case, build, monkeypatch):
         be = "cpp"
     if be not in backend.OPS[op]:
         pytest.skip(f"{be} has no {op} kernel")
+    global rng
+    rng = case_rng(op, case)
     args = build()
     ref = backend.OPS[op]["numpy"](*args)
     out = np.asarray(backend.OPS[op][be](*args))  # cuda: the result comes back from the GPU
