@@ -315,12 +315,33 @@ def test_linear_propagates_inf_and_nan_like_numpy(M, bf16, monkeypatch):
      "attention: mask"),
     (lambda C: C.embedding(randn(10, 4), np.array([[3, 10]])), "embedding"),  # id out of range
     (lambda C: C.embedding(randn(10, 4), np.array([[3, -1]])), "embedding"),
+    (lambda C: C.rms_norm(randn(3, 4), randn(4), float("nan")), "rms_norm: eps must be a finite float32 >= 0"),
+    (lambda C: C.layer_norm(randn(3, 4), randn(4), randn(4), -1e-6), "layer_norm: eps must be a finite float32 >= 0"),
+    (lambda C: C.layer_norm(randn(3, 4), randn(4), randn(4), 1e39), "layer_norm: eps"),  # inf as a float32
+    (lambda C: C.attention(randn(1, 2, 2, 8), randn(1, 5, 2, 8), randn(1, 5, 2, 8), None, float("inf")),
+     "attention: scale must be a finite float32"),
 ])
 def test_bad_calls_raise_value_errors_before_touching_memory(call, message):
     from refpg import _C
 
     with pytest.raises(ValueError, match=message):
         call(_C)
+
+
+@needs_cpp
+@pytest.mark.parametrize("value", ["sse9", "AVX2", "amx", "avx512"])
+def test_a_bad_or_unavailable_refpg_simd_is_a_value_error_naming_the_op(value, monkeypatch):
+    from refpg import _C
+
+    if simd_paths_here().get(value, "") is None:
+        pytest.skip(f"this CPU has {value}")
+    monkeypatch.setenv("REFPG_SIMD", value)
+    for op, call in [("linear", lambda: _C.linear(randn(3, 4), randn(5, 4))),
+                     ("rms_norm", lambda: _C.rms_norm(randn(3, 4), randn(4), 1e-6)),
+                     ("softmax", lambda: _C.softmax(randn(3, 4))),
+                     ("simd_path", _C.simd_path)]:
+        with pytest.raises(ValueError, match=f"{op}: REFPG_SIMD"):
+            call()
 
 
 def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
