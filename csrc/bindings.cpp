@@ -444,6 +444,11 @@ void bind_cuda(py::module_& c) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "refpg native CPU kernels; each has a NumPy twin in refpg.ops";
+#ifdef REFPG_SANITIZED
+  m.attr("sanitized") = true;  // built with -DREFPG_SANITIZE=ON (tools/sanitize.sh)
+#else
+  m.attr("sanitized") = false;
+#endif
   m.def("cpu_features", []() {
     const auto& f = cpu_features();
     py::dict d;

@@ -352,3 +352,14 @@ def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
         pytest.skip("REFPG_REQUIRE_CPP is not set (CI sets it)")
     assert "cpp" not in backend.UNAVAILABLE, backend.UNAVAILABLE.get("cpp")
     assert backend.available("cpp") == list(backend.OP_NAMES)
+
+
+def test_sanitized_extension_is_the_one_imported_where_the_sanitizer_job_requires_it():
+    """tools/sanitize.sh sets REFPG_REQUIRE_SANITIZED=1: the tests must run on the -fsanitize build."""
+    import os
+
+    if not os.environ.get("REFPG_REQUIRE_SANITIZED"):
+        pytest.skip("REFPG_REQUIRE_SANITIZED is not set (tools/sanitize.sh sets it)")
+    from refpg import _C
+
+    assert _C.sanitized, f"{_C.__file__} was not built with REFPG_SANITIZE=ON"
