@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import require_cuda_or_skip
 
 from refpg import backend
 from refpg.gemma import prefix_lm_mask
@@ -161,6 +162,8 @@ OTHER_BACKENDS = ("cpp", "cuda")
 
 
 def backend_param(be):
+    if be == "cuda":
+        return be  # skips in the test, or fails there under REFPG_REQUIRE_CUDA=1 (require_cuda_or_skip)
     if be in backend.UNAVAILABLE:
         return pytest.param(be, marks=pytest.mark.skip(reason=backend.UNAVAILABLE[be]))
     return be
@@ -186,6 +189,8 @@ BACKEND_PATHS = [backend_param(b) for b in OTHER_BACKENDS] + [
 @pytest.mark.parametrize("be", BACKEND_PATHS)
 @pytest.mark.parametrize("op,case,build", CASES, ids=[f"{op}-{case}" for op, case, _ in CASES])
 def test_op_matches_numpy_reference(be, op, case, build, monkeypatch):
+    if be == "cuda":
+        require_cuda_or_skip()
     if be.startswith("cpp-"):
         monkeypatch.setenv("REFPG_SIMD", be[len("cpp-"):])
         be = "cpp"
