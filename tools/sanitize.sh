@@ -4,15 +4,17 @@
 # around it, and runs the op table and the fuzz tests on it, failing on any report (out-of-bounds
 # access, use after free, undefined behaviour such as a misaligned load or a signed overflow).
 #
-#     bash tools/sanitize.sh              (about 3 minutes on 2 cores: the build is most of it)
+#     bash tools/sanitize.sh      (about 2 minutes on 2 cores from a clean build directory, most of it the build)
 #
-# Environment: REFPG_SANITIZE_DIR (default /tmp/refpg-sanitize) holds the build and the staged
-# package; JOBS the build's parallelism (default 2). Needs g++ (libasan, libubsan) and cmake; pybind11
-# is pip-installed when it is missing (CI installs refpg with build isolation, which keeps it apart).
+# Environment: REFPG_SANITIZE_DIR (default /tmp/refpg-sanitize-<checksum of the checkout's path>)
+# holds the build and the staged package; JOBS the build's parallelism (default 2). Needs g++ (with
+# libasan, libubsan) and cmake; pybind11 is pip-installed when it is missing (CI installs refpg with
+# build isolation, which keeps pybind11 out of the environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-DIR=${REFPG_SANITIZE_DIR:-/tmp/refpg-sanitize}
+# one directory per checkout: a CMake cache is tied to the source directory it was made for
+DIR=${REFPG_SANITIZE_DIR:-/tmp/refpg-sanitize-$(printf %s "$ROOT" | cksum | cut -d' ' -f1)}
 BUILD=$DIR/build
 STAGE=$DIR/stage
 
