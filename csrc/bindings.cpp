@@ -3,6 +3,9 @@
 // when the build found nvcc, csrc/cuda/ (the submodule _C.cuda, on device tensors).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::vector <-> list / tuple: shapes and strides of the cuda bindings
+
+#include <climits>
 
 #include "check.h"
 #include "cpu/activations.h"
@@ -71,8 +74,45 @@ struct Arg {
     if (!std::isfinite(c) || c == 0.0) fail(op, std::string(name) + " must be finite and nonzero");
     return static_cast<float>(c);
   }
+  // A Python integer (or numpy integer; not a bool) up to `max`: ValueError naming the limit
+  // beyond it, TypeError for anything else. Values below INT_MIN come back as INT_MIN.
+  static int integer_at_most(const std::string& op, const char* name, const py::object& o, int max,
+                             const char* unit) {
+    if (py::isinstance<py::bool_>(o) || !PyIndex_Check(o.ptr()))
+      throw py::type_error(op + ": " + name + " must be an integer, got " + std::string(py::str(py::type::handle_of(o))));
+    const py::int_ i = py::reinterpret_steal<py::int_>(PyNumber_Index(o.ptr()));
+    if (!i) throw py::error_already_set();
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+    if (overflow > 0 || v > max)
+      fail(op, std::string(name) + " = " + std::string(py::str(i)) + " is beyond the limit of " + std::to_string(max) + unit);
+    return overflow < 0 || v < INT_MIN ? INT_MIN : static_cast<int>(v);
+  }
+  // A float32 number: TypeError for a non-number, ValueError when it is not finite (as a float32)
+  // or, with non_negative, below 0.
+  static float number(const std::string& op, const char* name, const py::object& o, bool non_negative = false) {
+    double v = 0.0;
+    try {
+      v = o.cast<double>();
+    } catch (const py::cast_error&) {
+      throw py::type_error(op + ": " + name + " must be a number, got " + std::string(py::str(py::type::handle_of(o))));
+    }
+    if (!std::isfinite(static_cast<float>(v)) || (non_negative && v < 0))
+      fail(op, std::string(name) + " must be a finite float32" + (non_negative ? " >= 0" : "") + ", got " +
+                   std::string(py::str(o)));
+    return static_cast<float>(v);
+  }
+  // The instruction set the kernels run with (REFPG_SIMD, or the best of this CPU); a REFPG_SIMD
+  // naming no path, or one this CPU lacks, is a ValueError naming the op.
+  static SimdPath path(const std::string& op) {
+    try {
+      return simd_path();
+    } catch (const std::exception& e) {
+      fail(op, e.what());
+    }
+  }
   // The AVX2+FMA kernels unless the path is scalar (simd_path() picks no vector path without them).
-  static bool avx2() { return simd_path() != SimdPath::Scalar; }
+  static bool avx2(const std::string& op) { return path(op) != SimdPath::Scalar; }
 };
 
 // ---- CUDA: device tensors and the GPU kernels (csrc/cuda/), in the submodule _C.cuda ---------------
@@ -268,20 +308,23 @@ void bind_cuda(py::module_& c) {
                   y.as<float>(), N, M, N, K});
     return y;
   }, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), "x[M, K] @ weight[N, K].T (+ bias)");
-  c.def("rms_norm", [](const py::object& x_arg, const py::object& w_arg, float eps) {
+  c.def("rms_norm", [](const py::object& x_arg, const py::object& w_arg, const py::object& eps_arg) {
     const DeviceTensor& x = Dev::dense("rms_norm", "x", x_arg, 1);
     const int64_t D = x.shape.back();
     const DeviceTensor& w = Dev::vec("rms_norm", "weight", w_arg, D);
+    const float eps = Arg::number("rms_norm", "eps", eps_arg, /*non_negative=*/true);
     Dev::launchable("rms_norm", D ? x.numel() / D : 0);
     DeviceTensor y = Dev::like(x);
     cuda::rms_norm(x.as<float>(), w.as<float>(), y.as<float>(), D ? x.numel() / D : 0, D, eps);
     return y;
   }, py::arg("x"), py::arg("weight"), py::arg("eps"));
-  c.def("layer_norm", [](const py::object& x_arg, const py::object& w_arg, const py::object& b_arg, float eps) {
+  c.def("layer_norm", [](const py::object& x_arg, const py::object& w_arg, const py::object& b_arg,
+                         const py::object& eps_arg) {
     const DeviceTensor& x = Dev::dense("layer_norm", "x", x_arg, 1);
     const int64_t D = x.shape.back();
     const DeviceTensor& w = Dev::vec("layer_norm", "weight", w_arg, D);
     const DeviceTensor& b = Dev::vec("layer_norm", "bias", b_arg, D);
+    const float eps = Arg::number("layer_norm", "eps", eps_arg, /*non_negative=*/true);
     Dev::launchable("layer_norm", D ? x.numel() / D : 0);
     DeviceTensor y = Dev::like(x);
     cuda::layer_norm(x.as<float>(), w.as<float>(), b.as<float>(), y.as<float>(), D ? x.numel() / D : 0, D, eps);
@@ -359,7 +402,7 @@ void bind_cuda(py::module_& c) {
     return out;
   }, py::arg("table"), py::arg("ids"), "table[V, D] rows at host int64 ids (checked, then uploaded)");
   c.def("attention", [](const py::object& q_arg, const py::object& k_arg, const py::object& v_arg,
-                        const py::object& mask_arg, float scale, const py::object& softcap_arg) {
+                        const py::object& mask_arg, const py::object& scale_arg, const py::object& softcap_arg) {
     const std::string op = "attention";
     const DeviceTensor& q = Dev::tensor(op, "q", q_arg);
     const DeviceTensor& k = Dev::tensor(op, "k", k_arg);
@@ -385,6 +428,7 @@ void bind_cuda(py::module_& c) {
       m_b = mask.strides[0];
       m_t = mask.strides[1];
     }
+    const float scale = Arg::number(op, "scale", scale_arg);
     const float cap = softcap_arg.is_none() ? 0.0f : Arg::cap(op, "logit_softcap", softcap_arg);
     DeviceTensor out = DeviceTensor::empty({B, T, H, hd}, DType::F32);
     if (B * T == 0) return out;
@@ -400,6 +444,11 @@ void bind_cuda(py::module_& c) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "refpg native CPU kernels; each has a NumPy twin in refpg.ops";
+#ifdef REFPG_SANITIZED
+  m.attr("sanitized") = true;  // built with -DREFPG_SANITIZE=ON (tools/sanitize.sh)
+#else
+  m.attr("sanitized") = false;
+#endif
   m.def("cpu_features", []() {
     const auto& f = cpu_features();
     py::dict d;
@@ -411,11 +460,20 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "SIMD features of this CPU, detected at run time (CPUID + XGETBV).");
   m.def("num_threads", &num_threads, "threads the kernels use");
-  m.def("set_num_threads", &set_num_threads, py::arg("n"),
-        "set the kernels' thread count (n <= 0: the number of available cores)");
+  m.def(
+      "set_num_threads",
+      [](const py::object& n_arg) {
+        const std::string op = "set_num_threads";
+        const int n = Arg::integer_at_most(op, "n", n_arg, kMaxThreads, " threads");
+        py::gil_scoped_release unlocked;  // waits for a job another thread is running
+        set_num_threads(n);
+      },
+      py::arg("n"),
+      "set the kernels' thread count, at most 1024 (n <= 0: the number of available cores); waits for a "
+      "kernel running in another thread, and the new threads start with the next kernel");
 
   // ---- matmul / linear ------------------------------------------------------------------------
-  m.def("simd_path", [] { return std::string(simd_path_name(simd_path())); },
+  m.def("simd_path", [] { return std::string(simd_path_name(Arg::path("simd_path"))); },
         "instruction set linear runs with: REFPG_SIMD (amx | avx512 | avx2 | scalar) or the best of this CPU");
   m.def(
       "linear",
@@ -450,7 +508,7 @@ PYBIND11_MODULE(_C, m) {
         const LinearArgs args{static_cast<const float*>(x.data()), elem_stride(x, 0), weight.data(),
                               has_dtype(weight, DType::BF16), bias ? static_cast<const float*>(bias->data()) : nullptr,
                               static_cast<float*>(out.mutable_data()), elem_stride(out, 0), M, N, K};
-        const SimdPath path = simd_path();
+        const SimdPath path = Arg::path(op);
         {
           py::gil_scoped_release unlocked;
           linear(args, path);
@@ -465,14 +523,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "rms_norm",
-      [](const py::object& x_arg, const py::object& weight_arg, float eps) {
+      [](const py::object& x_arg, const py::object& weight_arg, const py::object& eps_arg) {
         const std::string op = "rms_norm";
         const py::array x = Arg::dense(op, "x", x_arg, {DType::F32}, 1);
         const int64_t D = x.shape(x.ndim() - 1), rows = D ? x.size() / D : 0;
         const py::array weight = Arg::vec(op, "weight", weight_arg, D);
+        const float eps = Arg::number(op, "eps", eps_arg, /*non_negative=*/true);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
-        const bool avx2 = Arg::avx2();
+        const bool avx2 = Arg::avx2("rms_norm");
         {
           py::gil_scoped_release unlocked;
           rms_norm(Arg::f32(x), Arg::f32(weight), out, rows, D, eps, avx2);
@@ -483,14 +542,15 @@ PYBIND11_MODULE(_C, m) {
       "x[..., D] / sqrt(mean(x²) + eps) * (1 + weight[D]); statistics in double. Twin of refpg.ops.rms_norm.");
   m.def(
       "layer_norm",
-      [](const py::object& x_arg, const py::object& weight_arg, const py::object& bias_arg, float eps) {
+      [](const py::object& x_arg, const py::object& weight_arg, const py::object& bias_arg, const py::object& eps_arg) {
         const std::string op = "layer_norm";
         const py::array x = Arg::dense(op, "x", x_arg, {DType::F32}, 1);
         const int64_t D = x.shape(x.ndim() - 1), rows = D ? x.size() / D : 0;
         const py::array weight = Arg::vec(op, "weight", weight_arg, D), bias = Arg::vec(op, "bias", bias_arg, D);
+        const float eps = Arg::number(op, "eps", eps_arg, /*non_negative=*/true);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
-        const bool avx2 = Arg::avx2();
+        const bool avx2 = Arg::avx2("layer_norm");
         {
           py::gil_scoped_release unlocked;
           layer_norm(Arg::f32(x), Arg::f32(weight), Arg::f32(bias), out, rows, D, eps, avx2);
@@ -506,7 +566,7 @@ PYBIND11_MODULE(_C, m) {
         const py::array x = Arg::dense("gelu_tanh", "x", x_arg, {DType::F32}, 0);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
-        const bool avx2 = Arg::avx2();
+        const bool avx2 = Arg::avx2("gelu_tanh");
         {
           py::gil_scoped_release unlocked;
           gelu_tanh(Arg::f32(x), out, x.size(), avx2);
@@ -524,7 +584,7 @@ PYBIND11_MODULE(_C, m) {
           fail(op, "up has shape " + shape_str(up) + ", gate has shape " + shape_str(gate) + ": they must match");
         py::array_t<float> y(Arg::shape(gate));
         float* out = y.mutable_data();
-        const bool avx2 = Arg::avx2();
+        const bool avx2 = Arg::avx2("geglu");
         {
           py::gil_scoped_release unlocked;
           geglu(Arg::f32(gate), Arg::f32(up), out, gate.size(), avx2);
@@ -541,7 +601,7 @@ PYBIND11_MODULE(_C, m) {
         const float cap = Arg::cap(op, "cap", cap_arg);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
-        const bool avx2 = Arg::avx2();
+        const bool avx2 = Arg::avx2("softcap");
         {
           py::gil_scoped_release unlocked;
           softcap(Arg::f32(x), out, x.size(), cap, avx2);
@@ -559,7 +619,7 @@ PYBIND11_MODULE(_C, m) {
         if (cols == 0) fail(op, "x has shape " + shape_str(x) + ": the softmax axis is empty");
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
-        const bool avx2 = Arg::avx2();
+        const bool avx2 = Arg::avx2("softmax");
         {
           py::gil_scoped_release unlocked;
           softmax(Arg::f32(x), out, x.size() / cols, cols, avx2);
@@ -653,7 +713,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention",
       [](const py::object& q_arg, const py::object& k_arg, const py::object& v_arg, const py::object& mask_arg,
-         float scale, const py::object& softcap_arg) {
+         const py::object& scale_arg, const py::object& softcap_arg) {
         const std::string op = "attention";
         const py::array q = Arg::array(op, "q", q_arg), k = Arg::array(op, "k", k_arg),
                         v = Arg::array(op, "v", v_arg);
@@ -672,6 +732,7 @@ PYBIND11_MODULE(_C, m) {
         check_inner_contiguous(op, "k", k, 2);
         check_inner_contiguous(op, "v", v, 2);
         if (mask) check_inner_contiguous(op, "mask", *mask, 1);
+        const float scale = Arg::number(op, "scale", scale_arg);
         const float cap = softcap_arg.is_none() ? 0.0f : Arg::cap(op, "logit_softcap", softcap_arg);
         py::array_t<float> out(std::vector<py::ssize_t>{B, T, H, hd});
         const AttentionArgs args{Arg::f32(q), elem_stride(q, 0), elem_stride(q, 1),
@@ -680,7 +741,7 @@ PYBIND11_MODULE(_C, m) {
                                  mask ? static_cast<const uint8_t*>(mask->data()) : nullptr,
                                  mask ? elem_stride(*mask, 0) : 0, mask ? elem_stride(*mask, 1) : 0,
                                  out.mutable_data(), B, T, S, H, KV, hd, scale, cap};
-        const SimdPath path = simd_path();
+        const SimdPath path = Arg::path(op);
         {
           py::gil_scoped_release unlocked;
           attention(args, path);

@@ -8,15 +8,23 @@ with the reason.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
+from conftest import require_cuda_or_skip
 
 from refpg import backend
 from refpg.gemma import prefix_lm_mask
-from refpg.ops import f32_to_bf16, rope_cos_sin
+from refpg.ops import bf16_to_f32, f32_to_bf16, rope_cos_sin
 
 F32 = np.float32
-rng = np.random.default_rng(1234)
+rng = np.random.default_rng(1234)  # reseeded per op-table case (case_rng)
+
+
+def case_rng(op: str, case: str) -> np.random.Generator:
+    """A case's own generator: its inputs do not change when cases are added, reordered or deselected."""
+    return np.random.default_rng(zlib.crc32(f"{op}-{case}".encode()))
 
 
 def randn(*shape, scale=1.0):
@@ -33,22 +41,29 @@ def linear_case(M, K, N, bias=True, bf16=False, batch=None):
     return build
 
 
-def norm_case(op, shape):
+def norm_case(op, shape, x_scale=3.0, offset=0.5, eps=1e-6):
+    """x_scale 1e-4, offset 0: mean(x²) and the variance are ~1e-8, so eps (1e-6) dominates them
+    and an eps added in the wrong place shows; with the defaults it is negligible."""
     def build():
-        x = randn(*shape, scale=3.0) + F32(0.5)
+        x = randn(*shape, scale=x_scale) + F32(offset)
         D = shape[-1]
         if op == "rms_norm":
-            return (x, randn(D, scale=0.3), 1e-6)
-        return (x, 1 + randn(D, scale=0.3), randn(D, scale=0.1), 1e-6)
+            return (x, randn(D, scale=0.3), eps)
+        return (x, 1 + randn(D, scale=0.3), randn(D, scale=0.1), eps)
     return build
 
 
-def attention_case(B, T, S, H, KV, hd, mask="prefix", softcap=None, max_len=None):
+def attention_case(B, T, S, H, KV, hd, mask="prefix", softcap=None, max_len=None, score_scale=None):
+    """score_scale: q and k times it, so scores reach ~score_scale² (a softmax without the max
+    subtracted overflows exp beyond 88); q and k are then rounded to bf16 values, which AMX's split
+    of each operand into two bf16 parts carries exactly — the case measures the softmax, not the split."""
     def build():
         max_s = max_len or S
         cache_k = randn(B, max_s, KV, hd)
         cache_v = randn(B, max_s, KV, hd)
         q = randn(B, T, H, hd)
+        if score_scale:
+            q, cache_k = (bf16_to_f32(f32_to_bf16(a * F32(score_scale))) for a in (q, cache_k))
         start = S - T
         if mask is None:
             m = None  # every key visible (SigLIP)
@@ -95,6 +110,9 @@ CASES.append(("linear", "batched-3d", linear_case(5, 24, 40, batch=(2,))))
 for op in ("rms_norm", "layer_norm"):
     for shape in [(1, 1), (3, 7), (2, 5, 33), (17, 1152), (4, 2048)]:
         CASES.append((op, "x".join(map(str, shape)), norm_case(op, shape)))
+    for shape in [(3, 7), (4, 2048)]:  # eps dominates mean(x²) / the variance; then is of their size
+        CASES.append((op, "x".join(map(str, shape)) + "-eps-dominates", norm_case(op, shape, 1e-4, 0.0, 1e-6)))
+        CASES.append((op, "x".join(map(str, shape)) + "-eps-matters", norm_case(op, shape, 1e-3, 0.0, 1e-6)))
 for shape in [(1,), (7,), (3, 33), (2, 5, 1000)]:
     sid = "x".join(map(str, shape))
     CASES.append(("gelu_tanh", sid, lambda shape=shape: (randn(*shape, scale=4.0),)))
@@ -125,6 +143,12 @@ for args in [
     dict(B=1, T=70, S=70, H=8, KV=1, hd=64),  # 560 rows: two passes
     dict(B=1, T=40, S=40, H=2, KV=1, hd=16, softcap=50.0, mask="blind"),
     dict(B=1, T=32, S=32, H=1, KV=1, hd=8, mask="random"),
+    # scores up to ~1e3 (exp overflows without the max subtracted), with and without a soft-cap
+    # above 88: decode, small prefill (fused tiles) and the GEMM prefill
+    *(dict(**shape, score_scale=21.0, softcap=cap) for cap in (None, 500.0) for shape in (
+        dict(B=1, T=1, S=40, H=4, KV=1, hd=16),
+        dict(B=2, T=5, S=20, H=4, KV=2, hd=16),
+        dict(B=1, T=40, S=40, H=2, KV=1, hd=16))),
 ]:
     name = "-".join(f"{k}{v}" for k, v in args.items())
     CASES.append(("attention", name, attention_case(**args)))
@@ -138,6 +162,8 @@ OTHER_BACKENDS = ("cpp", "cuda")
 
 
 def backend_param(be):
+    if be == "cuda":
+        return be  # skips in the test, or fails there under REFPG_REQUIRE_CUDA=1 (require_cuda_or_skip)
     if be in backend.UNAVAILABLE:
         return pytest.param(be, marks=pytest.mark.skip(reason=backend.UNAVAILABLE[be]))
     return be
@@ -163,11 +189,15 @@ BACKEND_PATHS = [backend_param(b) for b in OTHER_BACKENDS] + [
 @pytest.mark.parametrize("be", BACKEND_PATHS)
 @pytest.mark.parametrize("op,case,build", CASES, ids=[f"{op}-{case}" for op, case, _ in CASES])
 def test_op_matches_numpy_reference(be, op, case, build, monkeypatch):
+    if be == "cuda":
+        require_cuda_or_skip()
     if be.startswith("cpp-"):
         monkeypatch.setenv("REFPG_SIMD", be[len("cpp-"):])
         be = "cpp"
     if be not in backend.OPS[op]:
         pytest.skip(f"{be} has no {op} kernel")
+    global rng
+    rng = case_rng(op, case)
     args = build()
     ref = backend.OPS[op]["numpy"](*args)
     out = np.asarray(backend.OPS[op][be](*args))  # cuda: the result comes back from the GPU
@@ -290,12 +320,33 @@ def test_linear_propagates_inf_and_nan_like_numpy(M, bf16, monkeypatch):
      "attention: mask"),
     (lambda C: C.embedding(randn(10, 4), np.array([[3, 10]])), "embedding"),  # id out of range
     (lambda C: C.embedding(randn(10, 4), np.array([[3, -1]])), "embedding"),
+    (lambda C: C.rms_norm(randn(3, 4), randn(4), float("nan")), "rms_norm: eps must be a finite float32 >= 0"),
+    (lambda C: C.layer_norm(randn(3, 4), randn(4), randn(4), -1e-6), "layer_norm: eps must be a finite float32 >= 0"),
+    (lambda C: C.layer_norm(randn(3, 4), randn(4), randn(4), 1e39), "layer_norm: eps"),  # inf as a float32
+    (lambda C: C.attention(randn(1, 2, 2, 8), randn(1, 5, 2, 8), randn(1, 5, 2, 8), None, float("inf")),
+     "attention: scale must be a finite float32"),
 ])
 def test_bad_calls_raise_value_errors_before_touching_memory(call, message):
     from refpg import _C
 
     with pytest.raises(ValueError, match=message):
         call(_C)
+
+
+@needs_cpp
+@pytest.mark.parametrize("value", ["sse9", "AVX2", "amx", "avx512"])
+def test_a_bad_or_unavailable_refpg_simd_is_a_value_error_naming_the_op(value, monkeypatch):
+    from refpg import _C
+
+    if simd_paths_here().get(value, "") is None:
+        pytest.skip(f"this CPU has {value}")
+    monkeypatch.setenv("REFPG_SIMD", value)
+    for op, call in [("linear", lambda: _C.linear(randn(3, 4), randn(5, 4))),
+                     ("rms_norm", lambda: _C.rms_norm(randn(3, 4), randn(4), 1e-6)),
+                     ("softmax", lambda: _C.softmax(randn(3, 4))),
+                     ("simd_path", _C.simd_path)]:
+        with pytest.raises(ValueError, match=f"{op}: REFPG_SIMD"):
+            call()
 
 
 def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
@@ -306,3 +357,14 @@ def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
         pytest.skip("REFPG_REQUIRE_CPP is not set (CI sets it)")
     assert "cpp" not in backend.UNAVAILABLE, backend.UNAVAILABLE.get("cpp")
     assert backend.available("cpp") == list(backend.OP_NAMES)
+
+
+def test_sanitized_extension_is_the_one_imported_where_the_sanitizer_job_requires_it():
+    """tools/sanitize.sh sets REFPG_REQUIRE_SANITIZED=1: the tests must run on the -fsanitize build."""
+    import os
+
+    if not os.environ.get("REFPG_REQUIRE_SANITIZED"):
+        pytest.skip("REFPG_REQUIRE_SANITIZED is not set (tools/sanitize.sh sets it)")
+    from refpg import _C
+
+    assert _C.sanitized, f"{_C.__file__} was not built with REFPG_SANITIZE=ON"

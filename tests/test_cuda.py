@@ -2,7 +2,8 @@
 
 The op table (tests/test_backend_ops.py) runs every op on `cuda` against NumPy; the data path
 around the kernels is tested without a GPU in tests/test_cuda_plumbing.py. Everything here skips,
-with the reason, where no GPU can be used — except the check that CI compiled the kernels.
+with the reason, where no GPU can be used — except the check that CI compiled the kernels — and
+fails instead where REFPG_REQUIRE_CUDA=1 (tools/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from test_backend_model import prefill, rel_err
 from refpg import PaliGemma, backend, cuda
 
 F32 = np.float32
-needs_gpu = pytest.mark.skipif("cuda" in backend.UNAVAILABLE, reason=backend.UNAVAILABLE.get("cuda", ""))
+needs_gpu = pytest.mark.usefixtures("cuda_device")  # skips without a GPU; fails instead under REFPG_REQUIRE_CUDA=1
 rng = np.random.default_rng(7)
 
 # The prefill matmuls round activations to bf16 for the tensor cores (decode stays fp32): after
@@ -125,3 +126,23 @@ def test_cuda_check_mode_passes_on_a_whole_model(tiny_checkpoints):
     inputs = case_inputs(load_reference(path), "batch")
     model = PaliGemma.from_pretrained(path, backend="cuda", check=True)
     model.generate(inputs, max_new_tokens=3)
+
+
+def test_require_cuda_turns_a_missing_gpu_into_failures_not_skips():
+    """tools/gpu_check.sh sets REFPG_REQUIRE_CUDA=1: where cuda cannot run, the GPU tests must fail."""
+    import subprocess
+    import sys
+
+    import refpg
+
+    if "cuda" not in backend.UNAVAILABLE:
+        pytest.skip("a GPU is available here: nothing would skip")
+    env = dict(os.environ, REFPG_REQUIRE_CUDA="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(refpg.__file__)), env.get("PYTHONPATH")]))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "read_only_inside or M1-K7-N3-f32-cuda",
+                           os.path.join(tests, "test_cuda.py"), os.path.join(tests, "test_backend_ops.py")],
+                          cwd=tests, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "REFPG_REQUIRE_CUDA is set, but the cuda backend is unavailable" in proc.stdout
+    assert "1 failed" in proc.stdout and "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]

@@ -90,14 +90,17 @@ struct DeviceTensor {
   DeviceTensor view(int64_t new_offset, const std::vector<int64_t>& new_shape,
                     const std::vector<int64_t>& new_strides) const {
     if (new_shape.size() != new_strides.size()) throw std::invalid_argument("view: shape and strides differ in rank");
-    if (new_offset < 0 || new_offset > storage_elems()) throw std::out_of_range("view: offset outside the storage");
-    int64_t last = new_offset, n = 1;
     bool empty_view = false;
     for (size_t i = 0; i < new_shape.size(); ++i) {
       if (new_shape[i] < 0 || new_strides[i] < 0) throw std::out_of_range("view: negative size or stride");
       if (new_shape[i] > kMaxElems || new_strides[i] > kMaxElems) throw std::out_of_range("view: size or stride too large");
       empty_view = empty_view || new_shape[i] == 0;
     }
+    // An empty view reads nothing, wherever it starts (a[:, 1:] of an empty a starts past the end):
+    // its offset is only required to be non-negative, and it is kept at 0, inside the allocation.
+    if (new_offset < 0 || (!empty_view && new_offset > storage_elems()))
+      throw std::out_of_range("view: offset outside the storage");
+    int64_t last = new_offset, n = 1;
     for (size_t i = 0; i < new_shape.size() && !empty_view; ++i) {
       // both factors < 2^47 and the sum is checked at each step: no int64 overflow
       if (new_shape[i] - 1 > 0 && new_strides[i] > (kMaxElems - last) / (new_shape[i] - 1))
@@ -110,7 +113,7 @@ struct DeviceTensor {
       throw std::out_of_range("view reaches element " + std::to_string(last) + " of a storage of " +
                               std::to_string(storage_elems()));
     DeviceTensor t = *this;
-    t.offset = new_offset;
+    t.offset = empty_view ? 0 : new_offset;
     t.shape = new_shape;
     t.strides = new_strides;
     return t;
