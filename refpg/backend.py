@@ -117,7 +117,7 @@ def configure_native() -> None:
     try:
         _C.simd_path()  # reads REFPG_SIMD: unknown, or a path this CPU lacks
     except (ValueError, RuntimeError) as e:
-        raise BackendError(f"environment variable {e}") from None
+        raise BackendError(f"environment variable {str(e).removeprefix('simd_path: ')}") from None
 
 
 class BackendMismatch(AssertionError):
