@@ -1,7 +1,8 @@
 """refpg's NumPy reference against transformers' PaliGemma on tiny random checkpoints.
 
-Each checkpoint variant (f32 / bf16 / f16, single file / shards, three tensor namings, MQA / GQA)
-carries what transformers computed on it. Agreement is measured as max |diff| / max |reference|.
+Each checkpoint variant (f32 / bf16 / f16, single file / shards, three tensor namings, MQA / GQA /
+MHA, default and other eps values) carries what transformers computed on it. Agreement is measured
+as max |diff| / max |reference|.
 """
 
 from __future__ import annotations
