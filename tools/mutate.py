@@ -417,7 +417,7 @@ class Scratch:
         seconds = time.perf_counter() - start
         if r.returncode == 0:
             return "pass", "", seconds
-        first = re.search(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+        first = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", r.stdout, re.M)  # test ids may hold spaces
         if first:
             return "fail", first.group(1), seconds
         if r.returncode < 0:
