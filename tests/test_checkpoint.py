@@ -207,11 +207,13 @@ def test_lm_head_is_the_embedding_when_tied(tmp_path):
     np.testing.assert_array_equal(w.text.lm_head, tensors[TEXT + "embed_tokens.weight"])
 
 
-def test_untied_lm_head_is_read_from_the_checkpoint(tmp_path):
+# transformers reads the LM head under both names (transformers 4 saved it inside `language_model.`)
+@pytest.mark.parametrize("name", [LM_HEAD, "language_model.lm_head.weight"])
+def test_untied_lm_head_is_read_from_the_checkpoint_under_either_name(tmp_path, name):
     tensors = hub_tensors()
-    tensors[LM_HEAD] = tensors[TEXT + "embed_tokens.weight"] * 2
+    tensors[name] = tensors[TEXT + "embed_tokens.weight"] * 2
     w = load(write_checkpoint(tmp_path, tensors, config={**CONFIG, "tie_word_embeddings": False}))
-    np.testing.assert_array_equal(w.text.lm_head, tensors[LM_HEAD])
+    np.testing.assert_array_equal(w.text.lm_head, tensors[name])
 
 
 def test_untied_config_without_lm_head_names_it(tmp_path):

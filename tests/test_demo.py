@@ -103,3 +103,21 @@ def test_refpg_generate_without_model_uses_the_demo_model(tmp_path, demo_dir):
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in scenes.NUMBERS.values()
+
+
+def test_generate_pads_rows_that_ended_while_the_others_go_on(demo_dir):
+    """In a batch, a row that has emitted <eos> gets <pad> on every later step (its own answer is
+    over), the other rows keep their answers, and generation stops once every row has ended."""
+    model = PaliGemma.from_pretrained(demo_dir, backend="numpy")
+    proc = Processor.from_pretrained(demo_dir)
+    image = scenes.scene_for_seed(SEEDS[0]).image
+    short, long = (proc(images=[image], prompts=[p]) for p in (scenes.COUNT, scenes.DETECT_ALL))
+    alone = [model.generate(b, max_new_tokens=MAX_NEW_TOKENS)[0] for b in (short, long)]
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    assert alone[0][-1] == eos and alone[1][-1] == eos and len(alone[0]) < len(alone[1])
+    ids = model.generate(proc(images=[image, image], prompts=[scenes.COUNT, scenes.DETECT_ALL]),
+                         max_new_tokens=MAX_NEW_TOKENS)
+    assert ids.shape == (2, len(alone[1]))  # stopped at the longer answer's <eos>
+    np.testing.assert_array_equal(ids[0, :len(alone[0])], alone[0])
+    assert (ids[0, len(alone[0]):] == pad).all()
+    np.testing.assert_array_equal(ids[1], alone[1])

@@ -380,6 +380,21 @@ def test_bf16_to_f32_matches_torch_bit_for_bit():
     np.testing.assert_array_equal(bf16_to_f32(ALL_BF16).view(np.uint32), theirs.view(np.uint32))
 
 
+def test_f32_to_bf16_rounds_to_nearest_even_like_torch_bit_for_bit():
+    """weight_dtype="bfloat16" rounds f32 checkpoints with ops.f32_to_bf16: it must give torch's bits.
+    Every bf16 value, each with the low 16 bits below, at and above the halfway point — exact ties
+    with an even and an odd high half (round to even: down and up), the largest finite floats
+    (round to inf), subnormals, infinities — and NaNs (any NaN bits; only NaN-ness is compared)."""
+    torch = pytest.importorskip("torch")
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    x = ((ALL_BF16.astype(np.uint32) << 16)[:, None] | low[None, :]).ravel().view(F32)
+    ours = ops.f32_to_bf16(x)
+    theirs = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(ours[~nan], theirs[~nan])
+    assert np.isnan(bf16_to_f32(ours[nan])).all()
+
+
 def test_bf16_to_f32_works_on_non_contiguous_views():
     bits = ALL_BF16[::7].reshape(-1, 1)[:100]  # a non-contiguous view
     np.testing.assert_array_equal(bf16_to_f32(bits).view(np.uint32), bits.astype(np.uint32) << 16)

@@ -1,7 +1,8 @@
 """refpg's NumPy reference against transformers' PaliGemma on tiny random checkpoints.
 
-Each checkpoint variant (f32 / bf16 / f16, single file / shards, three tensor namings, MQA / GQA)
-carries what transformers computed on it. Agreement is measured as max |diff| / max |reference|.
+Each checkpoint variant (f32 / bf16 / f16, single file / shards, three tensor namings, MQA / GQA /
+MHA, default and other eps values) carries what transformers computed on it. Agreement is measured
+as max |diff| / max |reference|.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import case_inputs, load_reference
+from conftest import case_inputs, load_reference, parity_bound
 from make_tiny_checkpoint import VARIANTS
 from refpg.model import PaliGemma
 from refpg.tap import record
 
-# float32 end to end on both sides; the only differences are summation orders.
-LOGITS_TOL = 1e-4  # the issue's bound on logits
-LAYER_TOL = 1e-4  # every intermediate activation
+# float32 end to end on both sides; the only differences are summation orders. One bound for every
+# activation and the logits, per backend, set from measurements: see conftest.PARITY_BOUND.
+LOGITS_TOL = parity_bound("numpy")  # 1e-5: the NumPy reference measured up to 2.1e-6
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -50,9 +51,10 @@ def test_every_activation_matches_transformers_layer_by_layer(variant, backend_n
     assert list(acts)[:1] == ["vision.embeddings"] and list(acts)[-1] == "logits"
     assert {f"vision.{n_vision - 1}", "projector", "text.embeddings", f"text.{n_text - 1}", "text.norm"} <= set(acts)
     assert sorted(acts) == expected, "refpg and the reference name different activations"
+    bound = parity_bound(backend_name)
     for key in acts:
         err = rel_err(acts[key], ref[f"single/{key}"])
-        assert err <= LAYER_TOL, f"{name} ({backend_name}): {key} differs from transformers by {err:.2e} (relative)"
+        assert err <= bound, f"{name} ({backend_name}): {key} differs from transformers by {err:.2e} (relative)"
         assert acts[key].dtype == np.float32, f"{key} is {acts[key].dtype}, the reference stays float32"
 
 
@@ -123,4 +125,28 @@ def test_gemma2_window_and_softcaps_matter_in_the_paligemma2_checkpoint(tiny_che
     for change in (dict(sliding_window=None), dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None)):
         broken = PaliGemma(dataclasses.replace(model.config, text=dataclasses.replace(text, **change)), model.weights)
         logits = broken(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"])
-        assert rel_err(logits, ref["suffix/logits"]) > 100 * LOGITS_TOL, f"{change} changed nothing"
+        assert rel_err(logits, ref["suffix/logits"]) > 1e-2, f"{change} changed nothing"  # 1000x the bound
+
+
+def test_eps_values_and_head_dim_of_the_config_matter_in_the_mha_eps_checkpoint(tiny_checkpoints):
+    """Every other checkpoint has the default eps (1e-6 in both towers) and head_dim = hidden / heads,
+    so code that ignored the config's eps, took the other tower's, or computed head_dim (or the
+    attention scale) from hidden / heads would pass on them. f32-mha-eps sets them apart: replacing
+    each eps by the default or by the other tower's must move the logits far past the bound (more
+    than 50x; measured 1.3e-3 to 2.5e-2, 130-2500x)."""
+    import dataclasses
+
+    path = tiny_checkpoints["f32-mha-eps"]
+    ref = load_reference(path)
+    inputs = case_inputs(ref, "single")
+    model = PaliGemma.from_pretrained(path, backend="numpy")
+    v, t = model.config.vision, model.config.text
+    assert (v.layer_norm_eps, t.rms_norm_eps) == (1e-3, 1e-4)
+    assert t.head_dim * t.num_attention_heads != t.hidden_size and t.num_key_value_heads == t.num_attention_heads
+    for vision, text in ((dict(layer_norm_eps=1e-6), {}), (dict(layer_norm_eps=t.rms_norm_eps), {}),
+                         ({}, dict(rms_norm_eps=1e-6)), ({}, dict(rms_norm_eps=v.layer_norm_eps))):
+        config = dataclasses.replace(model.config, vision=dataclasses.replace(v, **vision),
+                                     text=dataclasses.replace(t, **text))
+        logits = PaliGemma(config, model.weights)(inputs["input_ids"], inputs["pixel_values"],
+                                                  token_type_ids=inputs["token_type_ids"])
+        assert rel_err(logits, ref["single/logits"]) > 50 * LOGITS_TOL, f"{vision or text} changed nothing"

@@ -41,6 +41,11 @@ VARIANTS = {
     "gemma2-bf16": dict(dtype="bfloat16", naming="hub", shards=1, kv_heads=2, gemma2=True),
     # the 448/896 checkpoints' shape: 4x the image tokens of the 224 one (64 here), same patch size
     "f32-hires": dict(dtype="float32", naming="hub", shards=1, kv_heads=1, image_size=64),
+    # plain multi-head attention (kv heads = heads) with head_dim 24 != hidden / heads, and eps values
+    # far from the defaults (SigLIP's layer_norm_eps, Gemma's rms_norm_eps; each 1e-6 by default)
+    # so that code reading a default, or the other tower's eps, is caught
+    "f32-mha-eps": dict(dtype="float32", naming="hub", shards=1, kv_heads=4, head_dim=24,
+                        layer_norm_eps=1e-3, rms_norm_eps=1e-4),
 }
 
 PROMPTS = ["caption en", "answer en what is the colour of the 12 boxes?"]
@@ -54,9 +59,11 @@ def sparse_config(sp_vocab: int, v: dict) -> dict:
     n_image = (image_size // 8) ** 2
     text = {
         "model_type": "gemma", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
-        "num_hidden_layers": 3, "num_key_value_heads": v["kv_heads"], "head_dim": 16,
+        "num_hidden_layers": 3, "num_key_value_heads": v["kv_heads"], "head_dim": v.get("head_dim", 16),
         "num_image_tokens": n_image, "vocab_size": sp_vocab + 64, "torch_dtype": v["dtype"],
     }
+    if "rms_norm_eps" in v:
+        text["rms_norm_eps"] = v["rms_norm_eps"]
     if v.get("rope_parameters"):
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
     if v.get("gemma2"):
@@ -67,6 +74,8 @@ def sparse_config(sp_vocab: int, v: dict) -> dict:
         "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 8, "image_size": image_size,
         "num_image_tokens": n_image, "projection_dim": 64, "vision_use_head": False,
     }
+    if "layer_norm_eps" in v:
+        vision["layer_norm_eps"] = v["layer_norm_eps"]
     return {
         "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
         "image_token_index": sp_vocab, "vocab_size": sp_vocab + 64, "projection_dim": 64, "hidden_size": 64,
