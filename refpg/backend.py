@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from refpg import cuda, ops, tap
+from refpg.errors import BackendError, BackendMismatch
 
 OP_NAMES = ("linear", "layer_norm", "rms_norm", "gelu_tanh", "geglu", "softcap", "softmax", "rope",
             "attention", "embedding")
@@ -85,10 +86,6 @@ if _C is not None:
         OPS[_name]["cuda"] = getattr(cuda, _name)
 
 
-class BackendError(ValueError):
-    """A backend selection names an unknown op or backend, or one that is not available here; or an
-    environment variable that configures the backends (REFPG_BACKEND, REFPG_CHECK, REFPG_THREADS,
-    REFPG_SIMD) holds a value refpg cannot use."""
 
 
 MAX_THREADS = 1024  # REFPG_THREADS beyond this is a typo, not a machine
@@ -120,8 +117,6 @@ def configure_native() -> None:
         raise BackendError(f"environment variable {str(e).removeprefix('simd_path: ')}") from None
 
 
-class BackendMismatch(AssertionError):
-    """Check mode: a backend's result differs from the NumPy reference beyond the op's tolerance."""
 
 
 def nmse(a: np.ndarray, ref: np.ndarray) -> float:

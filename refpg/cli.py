@@ -13,16 +13,7 @@ import time
 
 import refpg
 
-from refpg.backend import BackendError, BackendMismatch
-from refpg.config import ConfigError
-from refpg.diff import DumpError
-from refpg.model import InputError
-from refpg.processor import ProcessorError
-from refpg.safetensors_io import CheckpointError
-
-# what a user can cause; anything else is a bug in refpg and keeps its traceback
-USER_ERRORS = (ConfigError, CheckpointError, ProcessorError, InputError, OSError, BackendError, BackendMismatch,
-               DumpError)
+from refpg.errors import USER_ERRORS, InputError, integer, number  # what a user can cause; anything else keeps its traceback
 # exit codes: 0 done, 1 `diff` found a divergence (as cmp and diff do), 2 bad input
 EXIT_DIVERGED, EXIT_BAD_INPUT = 1, 2
 
@@ -35,12 +26,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from refpg.sampling import check_options
 
-    try:
-        check_options(args.temperature, args.top_k, args.top_p, args.seed, names=SAMPLING_FLAGS)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_options(args.temperature, args.top_k, args.top_p, args.seed, names=SAMPLING_FLAGS)
+    integer(args.max_new_tokens, "--max-new-tokens")
     check_prompt(args.prompt)
     if args.draw:
         check_output(args.draw, "--draw", image=True)
@@ -132,10 +119,6 @@ def check_prompt(prompt: str) -> None:
     """A blank prompt is a mistake on the command line (the model would quietly caption the image)."""
     if not prompt.strip():
         raise InputError('--prompt is empty; give a task such as "caption en", "detect cat" or "answer en what is this?"')
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:  # argv bytes that were not UTF-8 arrive as lone surrogates
-        raise InputError(f"--prompt {prompt!r} holds bytes that are not UTF-8 text") from None
 
 
 def check_output(path: str, flag: str, image: bool = False) -> None:
@@ -152,8 +135,7 @@ def check_output(path: str, flag: str, image: bool = False) -> None:
 
 def check_run_args(args: argparse.Namespace) -> None:
     """dump's and diff's common flags."""
-    if args.decode < 0:
-        raise InputError(f"--decode must be >= 0, got {args.decode}")
+    integer(args.decode, "--decode")
     check_prompt(args.prompt)
 
 
@@ -172,15 +154,13 @@ def cmd_dump(args: argparse.Namespace) -> None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     import json
-    import math
 
     from refpg import diff
     from refpg.model import PaliGemma
     from refpg.processor import Processor
 
     check_run_args(args)
-    if not (math.isfinite(args.tol) and args.tol > 0):
-        raise InputError(f"--tol must be a finite number > 0, got {args.tol}")
+    number(args.tol, "--tol", above=True)
     if args.json:
         check_output(args.json, "--json")
     if args.plot:

@@ -16,6 +16,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from refpg.errors import ConfigError
+
 # Activations that are the tanh approximation of gelu, by the names configs use for it.
 # ("gelu" in a Gemma config is a legacy name for the tanh approximation; transformers maps it too.)
 GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new")
@@ -42,8 +44,6 @@ LIMITS = {
 }
 
 
-class ConfigError(ValueError):
-    """config.json is missing, unreadable or describes a model refpg does not implement."""
 
 
 @dataclass(frozen=True)

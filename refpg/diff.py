@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from refpg.errors import DumpError, InputError
 from refpg.tap import capture
 
 FORMAT = "refpg-activations/1"
@@ -65,8 +66,6 @@ def run_model(model, batch: dict, decode_steps: int, on_activation: Callable[[st
     """
     phase = ["prefill"]
     fed: list[int] = []
-    from refpg.model import InputError
-
     ids = batch["input_ids"]
     limit = model.config.text.max_position_embeddings
     if ids.shape[1] + decode_steps > limit:
@@ -93,8 +92,6 @@ def dump(model, proc, image, prompt: str, out: str, decode_steps: int = 0) -> li
     return writer.names[:-1]
 
 
-class DumpError(ValueError):
-    """An activation dump that is missing, unreadable, not in refpg's format, or of another run."""
 
 
 _PHASE = re.compile(r"(prefill|decode\.(0|[1-9][0-9]*))/.+")

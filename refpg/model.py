@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import sys
 import time
 from collections.abc import Mapping
@@ -14,13 +13,12 @@ from refpg import backend as ops
 from refpg import cuda
 from refpg.backend import Selection, use
 from refpg.config import PaliGemmaConfig, load_config
+from refpg.errors import InputError, integer
 from refpg.gemma import KVCache, decoder, logits
 from refpg.tap import tap
 from refpg.vision import project, vision_tower
 from refpg.weights import Weights, embed_scale, load_weights
 
-class InputError(ValueError):
-    """Inputs the model cannot take: wrong shapes or dtypes, unknown ids, too long a sequence."""
 
 
 def merge_image_features(embeds: np.ndarray, ids: np.ndarray, image_features: np.ndarray | None,
@@ -103,12 +101,11 @@ class PaliGemma:
         max_position_embeddings; its memory is claimed only as tokens are written)."""
         limit = self.config.text.max_position_embeddings
         max_len = limit if max_len is None else max_len
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        batch_size = integer(batch_size, "batch_size", lo=1)
+        max_len = integer(max_len, "max_len", lo=1)
         if max_len > limit:
             raise InputError(f"max_len {max_len} exceeds the model's max_position_embeddings {limit}")
-        return KVCache(self.config.text, int(batch_size), int(max_len))
+        return KVCache(self.config.text, batch_size, max_len)
 
     def __call__(self, input_ids, pixel_values=None, token_type_ids=None, attention_mask=None,
                  cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
@@ -187,41 +184,41 @@ class PaliGemma:
     def generate_stream(self, batch: dict, max_new_tokens: int = 20, temperature: float = 0.0,
                         top_k: int | None = None, top_p: float | None = None,
                         seed: int | None = None) -> Iterator[np.ndarray]:
-        """Yield the next token of every row ([B] int64) as it is decoded."""
-        from refpg.sampling import check_options, pick_next
+        """An iterator over the next token of every row ([B] int64) as it is decoded. The arguments
+        are checked here, at the call, before anything runs."""
+        from refpg.sampling import check_options
 
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise InputError(f"batch must be a dict with input_ids (and pixel_values, token_type_ids, "
                              f"attention_mask), as the Processor returns; got {type(batch).__name__}"
                              + (f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""))
-        if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, numbers.Integral) \
-                or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        try:
-            check_options(temperature, top_k, top_p, seed)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        ids, _, _ = self._check_inputs(batch["input_ids"], None, None, None)
-        B, T = ids.shape
+        integer(max_new_tokens, "max_new_tokens")
+        check_options(temperature, top_k, top_p, seed)
+        T = self._check_inputs(batch["input_ids"], None, None, None)[0].shape[1]
         limit = self.config.text.max_position_embeddings
         if T + max_new_tokens > limit:
             raise InputError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's limit of "
                              f"{limit} positions")
-        rng = np.random.default_rng(seed)
+        return self._decode(batch, max_new_tokens, np.random.default_rng(seed), dict(
+            temperature=temperature, top_k=top_k, top_p=top_p))
+
+    def _decode(self, batch: dict, max_new_tokens: int, rng: np.random.Generator, sampling: dict):
+        """Prefill, then one token per step through the KV cache until every row has said <eos>."""
+        from refpg.sampling import pick_next
+
+        B, T = np.shape(batch["input_ids"])
         cache = self.new_cache(B, T + max_new_tokens)
-        step_logits = self(ids, batch.get("pixel_values"), token_type_ids=batch.get("token_type_ids"),
+        step_logits = self(batch["input_ids"], batch.get("pixel_values"), token_type_ids=batch.get("token_type_ids"),
                            attention_mask=batch.get("attention_mask"), cache=cache, last_only=True)[:, -1]
         done = np.zeros(B, bool)
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         for _ in range(max_new_tokens):
-            token = pick_next(step_logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
-            token = np.where(done, pad, token)
+            token = np.where(done, pad, pick_next(step_logits, rng, **sampling))
             yield token
             done |= token == eos
             if done.all():
                 return
             step_logits = self(token[:, None], token_type_ids=np.ones((B, 1), np.int64), cache=cache)[:, -1]
-
 
 def print_progress(label: str) -> Callable[[int, int], None]:
     """A progress callback: redraws `label: done/total` on a terminal (at most 5 times a second),

@@ -31,12 +31,11 @@ import PIL.ImageOps
 import sentencepiece as spm
 
 from refpg.config import PaliGemmaConfig, load_config
+from refpg.errors import ProcessorError
 
 IMAGE_TOKEN = "<image>"
 
 
-class ProcessorError(ValueError):
-    """An input the processor cannot use: an unreadable image, a missing tokenizer, mismatched lists."""
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ import struct
 
 import numpy as np
 
+from refpg.errors import CheckpointError
 from refpg.ops import bf16_to_f32
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, malformed, or does not fit the model."""
 
 
 # dtype name -> (numpy dtype as stored, bytes per element)

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
+from refpg.errors import integer, number
 from refpg.ops import softmax
 
 
 def check_options(temperature=0.0, top_k=None, top_p=None, seed=None, names: dict | None = None) -> None:
-    """ValueError naming the option (by `names[option]` if given, e.g. "--top-k") that is out of range."""
-    name = lambda option: (names or {}).get(option, option)  # noqa: E731
-
-    def is_number(v):
-        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-    if not (is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and not (is_int(top_k) and top_k >= 1):
-        raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
-    if seed is not None and not (is_int(seed) and 0 <= seed < 2 ** 128):
-        raise ValueError(f"{name('seed')} must be an integer >= 0, got {seed!r}")
+    """InputError naming the option (by `names[option]` if given, e.g. "--top-k") that is out of range."""
+    name = (names or {}).get
+    number(temperature, name("temperature", "temperature"))  # 0 = greedy
+    if top_k is not None:
+        integer(top_k, name("top_k", "top_k"), lo=1)
+    if top_p is not None:
+        number(top_p, name("top_p", "top_p"), lo=0.0, above=True, hi=1.0)
+    if seed is not None:
+        integer(seed, name("seed", "seed"))
 
 
 def pick_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0,

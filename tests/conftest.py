@@ -9,9 +9,11 @@ transformers versions, and each session works on its own copy.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -116,3 +118,50 @@ def load_reference(model_dir: str) -> dict[str, np.ndarray]:
 def case_inputs(ref: dict, case: str) -> dict[str, np.ndarray]:
     prefix = f"{case}/input/"
     return {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
+
+
+# ---- child interpreters ------------------------------------------------------------------------
+# They import the refpg under test — the installed one in CI (with its compiled refpg._C), the source
+# tree in development — and run in an empty folder: with `-m` or `-c` Python puts the working
+# directory first on sys.path, and the repository root holds refpg/ without the compiled module.
+NEUTRAL_DIR = tempfile.mkdtemp(prefix="refpg-tests-cwd-")
+atexit.register(shutil.rmtree, NEUTRAL_DIR, True)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child interpreter: this refpg first on the path, no REFPG_* from outside
+    (a test's own settings come in `extra`)."""
+    import refpg
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFPG_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(refpg.__file__)),
+                                                      env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_python(args: list, *, env: dict | None = None, cwd=None, timeout: float = 120,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGS` in a child (see child_env), output captured as text."""
+    kwargs = {"text": True, "encoding": "utf-8", "errors": "replace", **kwargs}
+    return subprocess.run([sys.executable, *args], capture_output=True, cwd=cwd or NEUTRAL_DIR,
+                          env=child_env(**(env or {})), timeout=timeout, **kwargs)
+
+
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    """The `refpg` command (`python -m refpg ARGS`) in a child."""
+    return run_python(["-m", "refpg", *args], **kwargs)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The CLI's bad-input contract: exit code 2, no traceback, and the error as one line `refpg:
+    error: …` holding every needle, the last on stderr (progress lines may come before it when the
+    error comes after the weights loaded). Returns that line."""
+    stderr = result.stderr.decode("utf-8", "replace") if isinstance(result.stderr, bytes) else result.stderr
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    assert line.startswith("refpg: error:"), stderr
+    for needle in needles:
+        assert needle in line, line
+    return line

@@ -120,8 +120,7 @@ def test_auto_prefers_the_native_backend_when_it_is_built():
 
 def test_reference_runs_when_the_native_extension_is_missing(tiny_checkpoints):
     """refpg without refpg._C: auto falls back to numpy, and asking for cpp says why it cannot."""
-    import subprocess
-    import sys
+    from conftest import run_python
 
     code = f"""
 import sys, numpy as np
@@ -138,7 +137,7 @@ try:
 except backend.BackendError as e:
     print("refused:", e)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = run_python(["-c", code])
     assert result.returncode == 0, result.stderr
     assert "refused: backend 'cpp' for linear is unavailable: the native extension refpg._C is not importable" \
         in result.stdout

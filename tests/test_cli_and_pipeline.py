@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, case_inputs, load_reference
+from conftest import ROOT, assert_one_line_error, case_inputs, load_reference, run_cli
 from make_tiny_checkpoint import PROMPTS
 from refpg import PaliGemma, Processor
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refpg.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +49,6 @@ def test_cli_sampling_is_reproducible_with_a_seed(tiny):
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("refpg: error:")
-    for needle in needles:
-        assert needle in line, line
 
 
 def test_cli_missing_model_dir_is_a_one_line_error(tmp_path):

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import case_inputs, load_reference
+from conftest import case_inputs, load_reference, run_python
 from make_tiny_checkpoint import VARIANTS
 from test_backend_model import prefill, rel_err
 
@@ -130,19 +130,12 @@ def test_cuda_check_mode_passes_on_a_whole_model(tiny_checkpoints):
 
 def test_require_cuda_turns_a_missing_gpu_into_failures_not_skips():
     """tools/gpu_check.sh sets REFPG_REQUIRE_CUDA=1: where cuda cannot run, the GPU tests must fail."""
-    import subprocess
-    import sys
-
-    import refpg
-
     if "cuda" not in backend.UNAVAILABLE:
         pytest.skip("a GPU is available here: nothing would skip")
-    env = dict(os.environ, REFPG_REQUIRE_CUDA="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(refpg.__file__)), env.get("PYTHONPATH")]))
     tests = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "read_only_inside or M1-K7-N3-f32-cuda",
-                           os.path.join(tests, "test_cuda.py"), os.path.join(tests, "test_backend_ops.py")],
-                          cwd=tests, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "read_only_inside or M1-K7-N3-f32-cuda",
+                       os.path.join(tests, "test_cuda.py"), os.path.join(tests, "test_backend_ops.py")],
+                      cwd=tests, env={"REFPG_REQUIRE_CUDA": "1"})
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "REFPG_REQUIRE_CUDA is set, but the cuda backend is unavailable" in proc.stdout
     assert "1 failed" in proc.stdout and "1 error" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]

@@ -12,14 +12,12 @@ degrades the answers fails.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import ROOT
+from conftest import run_cli
 from refpg import PaliGemma, Processor, scenes
 from refpg import backend as backends
 from refpg import DEMO_MODEL
@@ -84,9 +82,7 @@ def test_cpp_backend_gives_the_numpy_answers(demo_dir, numpy_answers):
 
 
 def test_refpg_demo_prints_answers_and_writes_its_picture(tmp_path, demo_dir):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "refpg.cli", "demo"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=120)
+    result = run_cli("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "caption en \u2192 a " in result.stdout and "detect " in result.stdout
     with PIL.Image.open(tmp_path / "refpg-demo.png") as picture:
@@ -97,10 +93,7 @@ def test_refpg_demo_prints_answers_and_writes_its_picture(tmp_path, demo_dir):
 def test_refpg_generate_without_model_uses_the_demo_model(tmp_path, demo_dir):
     scene = scenes.scene_for_seed(SEEDS[0])
     scene.image.save(tmp_path / "scene.png")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "refpg.cli", "generate", "--image", "scene.png",
-                             "--prompt", scenes.COUNT, "--backend", "numpy"],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    result = run_cli("generate", "--image", "scene.png", "--prompt", scenes.COUNT, "--backend", "numpy", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in scenes.NUMBERS.values()
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import run_cli
 from refpg import PaliGemma, Processor, backend, diff
 
 PROMPT = "caption en"
@@ -107,10 +105,8 @@ def test_refpg_dump_round_trips_and_a_wrong_prompt_is_refused(tiny, tmp_path):
 def test_cli_diff_writes_table_json_and_png(tiny, tmp_path):
     other = perturbed_copy(tiny, tmp_path / "perturbed", "language_model.model.layers.0.mlp.up_proj.weight")
     js, png = tmp_path / "diff.json", tmp_path / "diff.png"
-    result = subprocess.run([sys.executable, "-m", "refpg.cli", "diff", "--model", tiny, "--model-b", other,
-                             "--image", image_of(tiny), "--prompt", PROMPT, "--decode", "2", "--tol", "1e-4",
-                             "--json", str(js), "--plot", str(png)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = run_cli("diff", "--model", tiny, "--model-b", other, "--image", image_of(tiny), "--prompt", PROMPT,
+                     "--decode", "2", "--tol", "1e-4", "--json", str(js), "--plot", str(png))
     assert result.returncode == 1, result.stderr  # a divergence, as cmp and diff say it
     assert "prefill/text.0.mlp_out" in result.stdout and "<-- first divergence" in result.stdout
     assert f"wrote {js}" in result.stderr and f"wrote {png}" in result.stderr

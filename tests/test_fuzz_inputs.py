@@ -71,6 +71,7 @@ import PIL.Image
 import pytest
 
 import refpg
+from conftest import NEUTRAL_DIR, child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "data", "tiny-random")
@@ -83,20 +84,12 @@ CASE_TIMEOUT = 6 * (3 if UNDER_ASAN else 1)  # s per worker case; the legitimate
 CLI_TIMEOUT = 30 * (3 if UNDER_ASAN else 1)  # s per CLI run; the legitimate ones take about 0.5 s
 MEMORY_LIMIT = 4 << 30  # address space of every subprocess: a runaway allocation fails, not the machine
 
-FILE_ERRORS = ("refpg.config.ConfigError", "refpg.safetensors_io.CheckpointError",
-               "refpg.processor.ProcessorError", "refpg.model.InputError", "refpg.backend.BackendError")
+FILE_ERRORS = tuple(f"refpg.errors.{kind}" for kind in ("ConfigError", "CheckpointError", "ProcessorError",
+                                                         "InputError", "BackendError"))
 API_ERRORS = FILE_ERRORS + ("builtins.ValueError", "builtins.TypeError")
 
 
 # ---- running cases where a crash or a hang cannot take the test run down ----------------------
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of every subprocess: this refpg first on the path, no REFPG_* from outside."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFPG_")}
-    path = [os.path.dirname(os.path.dirname(refpg.__file__)), *env.get("PYTHONPATH", "").split(os.pathsep)]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
-    env.update(extra)
-    return env
 
 
 def limit_memory() -> None:
@@ -185,7 +178,7 @@ class CaseWorker:
     def _start(self) -> None:
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER, TINY, IMAGE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, cwd=ROOT, env=child_env(),
+                                     stdout=subprocess.PIPE, stderr=self.stderr, cwd=NEUTRAL_DIR, env=child_env(),
                                      preexec_fn=limit_memory)
 
     def _stderr_tail(self) -> str:
@@ -231,7 +224,7 @@ def worker():
     w.close()
 
 
-def run_cli(*args, env: dict | None = None, cwd: str = ROOT, timeout: float = CLI_TIMEOUT):
+def run_cli(*args, env: dict | None = None, cwd: str = NEUTRAL_DIR, timeout: float = CLI_TIMEOUT):
     """`python -m refpg.cli ARGS` -> CompletedProcess, or None when it ran past the timeout."""
     try:
         return subprocess.run([sys.executable, "-m", "refpg.cli", *args], capture_output=True, cwd=cwd,

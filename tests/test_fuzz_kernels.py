@@ -437,17 +437,12 @@ needs_cpp = pytest.mark.skipif("cpp" in backend.UNAVAILABLE, reason=backend.UNAV
 
 @pytest.fixture(scope="module")
 def report():
-    import refpg
+    from conftest import run_python  # here, not at the top: the child imports this module too
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(refpg.__file__)),
-                                                      env.get("PYTHONPATH")]))
-    env.pop("REFPG_SIMD", None)
-    env.pop("REFPG_THREADS", None)
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import json, test_fuzz_kernels as f; "
               f"print(json.dumps(f.run_batch({SEED}, {CALLS_PER_OP}, lambda s: print(s, file=sys.stderr, flush=True))))")
     try:
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        proc = run_python(["-c", script], timeout=300)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the fuzz batch hung; last calls: {(e.stderr or '')[-300:]}")
     last = proc.stderr.strip().splitlines()[-3:]

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from conftest import NEUTRAL_DIR, child_env
 from refpg import backend
 
 needs_cpp = pytest.mark.skipif("cpp" in backend.UNAVAILABLE, reason=backend.UNAVAILABLE.get("cpp", ""))
@@ -54,15 +55,9 @@ def wait_child(pid, seconds):
 
 def run_child(script: str, timeout: float = 60) -> str:
     """Runs PRELUDE + script in a fresh interpreter importing this refpg; fails on a hang or an error."""
-    import refpg
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(refpg.__file__)),
-                                                      env.get("PYTHONPATH")]))
-    env.pop("REFPG_THREADS", None)
     # its own process group: on a hang it is killed with every process it forked
-    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(script)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(script)], env=child_env(), text=True,
+                            cwd=NEUTRAL_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
