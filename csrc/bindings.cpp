@@ -473,7 +473,13 @@ PYBIND11_MODULE(_C, m) {
       "kernel running in another thread, and the new threads start with the next kernel");
 
   // ---- matmul / linear ------------------------------------------------------------------------
-  m.def("simd_path", [] { return std::string(simd_path_name(Arg::path("simd_path"))); },
+  m.def("simd_path", [] {
+          try {
+            return std::string(simd_path_name(simd_path()));
+          } catch (const std::exception& e) {
+            throw py::value_error(e.what());  // REFPG_SIMD's own message: no op to name
+          }
+        },
         "instruction set linear runs with: REFPG_SIMD (amx | avx512 | avx2 | scalar) or the best of this CPU");
   m.def(
       "linear",

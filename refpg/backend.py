@@ -101,20 +101,23 @@ def env_flag(name: str) -> bool:
     return _FLAG_VALUES[value.strip().lower()]
 
 
-def configure_native() -> None:
-    """Apply REFPG_THREADS and check REFPG_SIMD before the first native kernel runs, so that a bad
-    value is a BackendError naming the variable, not an error from deep inside a forward pass."""
+def configure_native() -> str | None:
+    """Apply REFPG_THREADS and check REFPG_SIMD, once, when refpg is imported; returns what is wrong
+    with them (every Selection then raises it as a BackendError naming the variable), or None."""
     threads = os.environ.get("REFPG_THREADS", "").strip()
     if threads:
-        if not threads.isdigit() or not 1 <= int(threads) <= MAX_THREADS:
-            raise BackendError(f"environment variable REFPG_THREADS={threads!r} must be a whole number of "
-                               f"threads from 1 to {MAX_THREADS}")
-        if _C.num_threads() != int(threads):
-            _C.set_num_threads(int(threads))
+        if not (threads.isascii() and threads.isdigit() and 1 <= int(threads) <= MAX_THREADS):
+            return (f"environment variable REFPG_THREADS={threads!r} must be a whole number of threads "
+                    f"from 1 to {MAX_THREADS}")
+        _C.set_num_threads(int(threads))
     try:
         _C.simd_path()  # reads REFPG_SIMD: unknown, or a path this CPU lacks
-    except (ValueError, RuntimeError) as e:
-        raise BackendError(f"environment variable {str(e).removeprefix('simd_path: ')}") from None
+    except ValueError as e:
+        return f"environment variable {e}"
+    return None
+
+
+NATIVE_ENV_ERROR = configure_native() if _C is not None else None
 
 
 
@@ -192,10 +195,9 @@ class Selection:
     def from_spec(cls, spec: str | dict | None = None, check: bool | None = None) -> "Selection":
         if check is None:
             check = env_flag("REFPG_CHECK")
-        selection = cls(parse_spec(spec), bool(check))
-        if "cpp" in selection.backends.values():
-            configure_native()
-        return selection
+        if NATIVE_ENV_ERROR:
+            raise BackendError(NATIVE_ENV_ERROR)
+        return cls(parse_spec(spec), bool(check))
 
     def describe(self) -> str:
         kinds = sorted(set(self.backends.values()))

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli, run_python
 from refpg import PaliGemma, Processor
 from refpg.backend import BackendError, Selection
 from refpg.model import InputError
@@ -158,6 +158,19 @@ def test_version_and_python_dash_m_refpg():
 def test_bad_environment_variables_are_one_line_errors_naming_them(env, needle):
     pytest.importorskip("refpg._C", reason="REFPG_THREADS and REFPG_SIMD configure the native kernels")
     assert_one_line_error(generate("--prompt", "caption en", env=env), needle)  # default backend: auto = cpp
+
+
+def test_bad_environment_variables_fail_whatever_the_backend():
+    pytest.importorskip("refpg._C", reason="REFPG_THREADS and REFPG_SIMD configure the native kernels")
+    for env in ({"REFPG_THREADS": "\u00b2"}, {"REFPG_SIMD": "sse9"}):  # "²" is a digit to str.isdigit
+        assert_one_line_error(generate("--prompt", "caption en", "--backend", "numpy", env=env),
+                              next(iter(env)))
+
+
+def test_refpg_threads_sets_the_kernels_thread_count_at_import():
+    pytest.importorskip("refpg._C", reason="REFPG_THREADS configures the native kernels")
+    result = run_python(["-c", "import refpg.backend as b; print(b._C.num_threads())"], env={"REFPG_THREADS": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "1", result.stderr
 
 
 def test_a_simd_path_this_cpu_lacks_is_a_one_line_error():

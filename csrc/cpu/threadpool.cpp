@@ -56,6 +56,7 @@ class Pool {
 
   void resize(int n) {
     std::lock_guard<std::mutex> job_lock(job_mutex_);  // waits for the running job
+    if (n == size()) return;
     stop();
     threads_ = n;
   }
