@@ -63,17 +63,6 @@ struct Arg {
   }
   static std::vector<py::ssize_t> shape(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
   static const float* f32(const py::array& a) { return static_cast<const float*>(a.data()); }
-  // A soft-cap: a finite, nonzero number.
-  static float cap(const std::string& op, const char* name, const py::object& o) {
-    double c = 0.0;
-    try {
-      c = o.cast<double>();
-    } catch (const py::cast_error&) {
-      fail(op, std::string(name) + " must be a number or None, got " + std::string(py::str(py::type::handle_of(o))));
-    }
-    if (!std::isfinite(c) || c == 0.0) fail(op, std::string(name) + " must be finite and nonzero");
-    return static_cast<float>(c);
-  }
   // A Python integer (or numpy integer; not a bool) up to `max`: ValueError naming the limit
   // beyond it, TypeError for anything else. Values below INT_MIN come back as INT_MIN.
   static int integer_at_most(const std::string& op, const char* name, const py::object& o, int max,
@@ -88,19 +77,22 @@ struct Arg {
       fail(op, std::string(name) + " = " + std::string(py::str(i)) + " is beyond the limit of " + std::to_string(max) + unit);
     return overflow < 0 || v < INT_MIN ? INT_MIN : static_cast<int>(v);
   }
-  // A float32 number: TypeError for a non-number, ValueError when it is not finite (as a float32)
-  // or, with non_negative, below 0.
-  static float number(const std::string& op, const char* name, const py::object& o, bool non_negative = false) {
+  // A float32 number: TypeError for a non-number (a bool included), ValueError when it is not finite
+  // as a float32 (1e39 is not), or outside its range: eps >= 0, a soft-cap nonzero.
+  enum Range { Any, NonNegative, NonZero };
+  static float number(const std::string& op, const char* name, const py::object& o, Range range = Any) {
     double v = 0.0;
     try {
+      if (py::isinstance<py::bool_>(o)) throw py::cast_error();
       v = o.cast<double>();
     } catch (const py::cast_error&) {
       throw py::type_error(op + ": " + name + " must be a number, got " + std::string(py::str(py::type::handle_of(o))));
     }
-    if (!std::isfinite(static_cast<float>(v)) || (non_negative && v < 0))
-      fail(op, std::string(name) + " must be a finite float32" + (non_negative ? " >= 0" : "") + ", got " +
-                   std::string(py::str(o)));
-    return static_cast<float>(v);
+    const float f = static_cast<float>(v);
+    if (!std::isfinite(f) || (range == NonNegative && f < 0) || (range == NonZero && f == 0))
+      fail(op, std::string(name) + " must be a finite float32" + (range == NonNegative ? " >= 0" : "") +
+                   (range == NonZero ? " other than 0" : "") + ", got " + std::string(py::str(o)));
+    return f;
   }
   // The instruction set the kernels run with (REFPG_SIMD, or the best of this CPU); a REFPG_SIMD
   // naming no path, or one this CPU lacks, is a ValueError naming the op.
@@ -312,7 +304,7 @@ void bind_cuda(py::module_& c) {
     const DeviceTensor& x = Dev::dense("rms_norm", "x", x_arg, 1);
     const int64_t D = x.shape.back();
     const DeviceTensor& w = Dev::vec("rms_norm", "weight", w_arg, D);
-    const float eps = Arg::number("rms_norm", "eps", eps_arg, /*non_negative=*/true);
+    const float eps = Arg::number("rms_norm", "eps", eps_arg, Arg::NonNegative);
     Dev::launchable("rms_norm", D ? x.numel() / D : 0);
     DeviceTensor y = Dev::like(x);
     cuda::rms_norm(x.as<float>(), w.as<float>(), y.as<float>(), D ? x.numel() / D : 0, D, eps);
@@ -324,7 +316,7 @@ void bind_cuda(py::module_& c) {
     const int64_t D = x.shape.back();
     const DeviceTensor& w = Dev::vec("layer_norm", "weight", w_arg, D);
     const DeviceTensor& b = Dev::vec("layer_norm", "bias", b_arg, D);
-    const float eps = Arg::number("layer_norm", "eps", eps_arg, /*non_negative=*/true);
+    const float eps = Arg::number("layer_norm", "eps", eps_arg, Arg::NonNegative);
     Dev::launchable("layer_norm", D ? x.numel() / D : 0);
     DeviceTensor y = Dev::like(x);
     cuda::layer_norm(x.as<float>(), w.as<float>(), b.as<float>(), y.as<float>(), D ? x.numel() / D : 0, D, eps);
@@ -346,7 +338,7 @@ void bind_cuda(py::module_& c) {
   }, py::arg("gate"), py::arg("up"));
   c.def("softcap", [](const py::object& x_arg, const py::object& cap_arg) {
     const DeviceTensor& x = Dev::dense("softcap", "x", x_arg, 0);
-    const float cap = Arg::cap("softcap", "cap", cap_arg);
+    const float cap = Arg::number("softcap", "cap", cap_arg, Arg::NonZero);
     DeviceTensor y = Dev::like(x);
     cuda::softcap(x.as<float>(), y.as<float>(), x.numel(), cap);
     return y;
@@ -429,7 +421,7 @@ void bind_cuda(py::module_& c) {
       m_t = mask.strides[1];
     }
     const float scale = Arg::number(op, "scale", scale_arg);
-    const float cap = softcap_arg.is_none() ? 0.0f : Arg::cap(op, "logit_softcap", softcap_arg);
+    const float cap = softcap_arg.is_none() ? 0.0f : Arg::number(op, "logit_softcap", softcap_arg, Arg::NonZero);
     DeviceTensor out = DeviceTensor::empty({B, T, H, hd}, DType::F32);
     if (B * T == 0) return out;
     cuda::attention({q.as<float>(), q.strides[0], q.strides[1], k.as<float>(), k.strides[0], k.strides[1],
@@ -534,7 +526,7 @@ PYBIND11_MODULE(_C, m) {
         const py::array x = Arg::dense(op, "x", x_arg, {DType::F32}, 1);
         const int64_t D = x.shape(x.ndim() - 1), rows = D ? x.size() / D : 0;
         const py::array weight = Arg::vec(op, "weight", weight_arg, D);
-        const float eps = Arg::number(op, "eps", eps_arg, /*non_negative=*/true);
+        const float eps = Arg::number(op, "eps", eps_arg, Arg::NonNegative);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
         const bool avx2 = Arg::avx2("rms_norm");
@@ -553,7 +545,7 @@ PYBIND11_MODULE(_C, m) {
         const py::array x = Arg::dense(op, "x", x_arg, {DType::F32}, 1);
         const int64_t D = x.shape(x.ndim() - 1), rows = D ? x.size() / D : 0;
         const py::array weight = Arg::vec(op, "weight", weight_arg, D), bias = Arg::vec(op, "bias", bias_arg, D);
-        const float eps = Arg::number(op, "eps", eps_arg, /*non_negative=*/true);
+        const float eps = Arg::number(op, "eps", eps_arg, Arg::NonNegative);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
         const bool avx2 = Arg::avx2("layer_norm");
@@ -604,7 +596,7 @@ PYBIND11_MODULE(_C, m) {
         const std::string op = "softcap";
         const py::array x = Arg::dense(op, "x", x_arg, {DType::F32}, 0);
         if (cap_arg.is_none()) return x;  // like the twin: no cap, x itself
-        const float cap = Arg::cap(op, "cap", cap_arg);
+        const float cap = Arg::number(op, "cap", cap_arg, Arg::NonZero);
         py::array_t<float> y(Arg::shape(x));
         float* out = y.mutable_data();
         const bool avx2 = Arg::avx2("softcap");
@@ -739,7 +731,7 @@ PYBIND11_MODULE(_C, m) {
         check_inner_contiguous(op, "v", v, 2);
         if (mask) check_inner_contiguous(op, "mask", *mask, 1);
         const float scale = Arg::number(op, "scale", scale_arg);
-        const float cap = softcap_arg.is_none() ? 0.0f : Arg::cap(op, "logit_softcap", softcap_arg);
+        const float cap = softcap_arg.is_none() ? 0.0f : Arg::number(op, "logit_softcap", softcap_arg, Arg::NonZero);
         py::array_t<float> out(std::vector<py::ssize_t>{B, T, H, hd});
         const AttentionArgs args{Arg::f32(q), elem_stride(q, 0), elem_stride(q, 1),
                                  Arg::f32(k), elem_stride(k, 0), elem_stride(k, 1),

@@ -8,6 +8,7 @@ with the reason.
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
@@ -348,6 +349,22 @@ def test_a_bad_or_unavailable_refpg_simd_is_a_value_error_naming_the_op(value, m
             call()
     with pytest.raises(ValueError, match="^REFPG_SIMD"):  # simd_path itself: the variable's own message
         _C.simd_path()
+
+
+@needs_cpp
+@pytest.mark.parametrize("call, error, message", [
+    (lambda C: C.softcap(randn(2, 3), 1e39), ValueError, "softcap: cap must be a finite float32 other than 0"),
+    (lambda C: C.softcap(randn(2, 3), 0.0), ValueError, "softcap: cap must be a finite float32 other than 0"),
+    (lambda C: C.attention(randn(1, 2, 1, 4), randn(1, 2, 1, 4), randn(1, 2, 1, 4), None, 0.5, -1e40), ValueError,
+     "attention: logit_softcap must be a finite float32"),
+    (lambda C: C.rms_norm(randn(2, 3), randn(3), True), TypeError, "rms_norm: eps must be a number, got <class 'bool'>"),
+    (lambda C: C.layer_norm(randn(2, 3), randn(3), randn(3), -1e-6), ValueError, "layer_norm: eps must be a finite float32 >= 0"),
+], ids=["cap-beyond-float32", "cap-zero", "attention-cap-beyond-float32", "eps-bool", "eps-negative"])
+def test_scalar_arguments_are_finite_float32_numbers_or_named_errors(call, error, message):
+    from refpg import _C
+
+    with pytest.raises(error, match=re.escape(message)):
+        call(_C)
 
 
 def test_native_extension_provides_every_op_where_ci_requires_it(monkeypatch):
