@@ -98,7 +98,8 @@ class PaliGemma:
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """A KV cache for `batch_size` rows of up to `max_len` tokens (default: the model's limit,
-        max_position_embeddings; its memory is claimed only as tokens are written)."""
+        max_position_embeddings). On the CPU its pages are claimed only as tokens are written; on
+        cuda the whole cache is allocated on the GPU at the first layer's append: size it."""
         limit = self.config.text.max_position_embeddings
         max_len = limit if max_len is None else max_len
         batch_size = integer(batch_size, "batch_size", lo=1)

@@ -240,11 +240,17 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
         if f.shape(name) != want:
             raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
                                   f"the config implies {list(want)}")
-        if matrix and matrix_dtype == "bfloat16":
-            arr = f.raw(name) if f.dtype(name) == "BF16" else f32_to_bf16(f.float32(name))
-        else:
-            arr = f.float32(name)
-        check_finite(arr, f"{f.path}: tensor {name!r}")
+        stored = f.raw(name)
+        if not all_finite(stored):  # read once, as stored (bf16 bits, f16, f32): no conversion first
+            raise CheckpointError(f"{f.path}: tensor {name!r} holds NaN or infinite values "
+                                  f"(a corrupt or diverged checkpoint)")
+        to_bf16 = matrix and matrix_dtype == "bfloat16"
+        arr = (stored if f.dtype(name) == "BF16" else f32_to_bf16(f.float32(name))) if to_bf16 else f.float32(name)
+        narrowed = f.dtype(name) == "F64" or (to_bf16 and f.dtype(name) == "F32")  # where rounding can overflow
+        if narrowed and not all_finite(arr):
+            raise CheckpointError(f"{f.path}: tensor {name!r} holds values beyond the range of "
+                                  f"{'bfloat16' if arr.dtype == np.uint16 else 'float32'} (finite in the file); "
+                                  f"load it with weight_dtype='float32'")
         done += 1
         if progress is not None:
             progress(done, total)
@@ -304,8 +310,8 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
     return Weights(vision=vision, projector=projector, text=text)
 
 
-def check_finite(arr: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
-    """CheckpointError naming `what` if arr (float32, or bf16 bits as uint16) holds a NaN or an inf.
+def all_finite(arr: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """Whether arr (floats of any width, or bf16 bits as uint16) holds no NaN and no inf.
 
     A checkpoint of NaNs would otherwise load and answer `<pad><pad>…`. Read in chunks, with no
     temporary the size of the tensor: NaN propagates through min/max, and a bf16 value is non-finite
@@ -316,12 +322,11 @@ def check_finite(arr: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
     for start in range(0, flat.size, chunk):
         part = flat[start:start + chunk]
         if bits is not None:
-            exponent = np.bitwise_and(part, np.uint16(0x7F80), out=bits[:part.size])
-            bad = exponent.max() == 0x7F80
-        else:
-            bad = not (np.isfinite(part.min()) and np.isfinite(part.max()))
-        if bad:
-            raise CheckpointError(f"{what} holds NaN or infinite values (a corrupt or diverged checkpoint)")
+            if np.bitwise_and(part, np.uint16(0x7F80), out=bits[:part.size]).max() == 0x7F80:
+                return False
+        elif not (np.isfinite(part.min()) and np.isfinite(part.max())):
+            return False
+    return True
 
 
 def embed_scale(hidden_size: int) -> np.float32:
