@@ -23,7 +23,6 @@ EXIT_DIVERGED, EXIT_BAD_INPUT = 1, 2
 def cmd_generate(args: argparse.Namespace) -> None:
     from refpg.model import PaliGemma, print_progress
     from refpg.processor import Processor
-
     from refpg.sampling import check_options
 
     check_options(args.temperature, args.top_k, args.top_p, args.seed, names=SAMPLING_FLAGS)
@@ -34,6 +33,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(args.model)
     batch = proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow load
+    limit = proc.max_positions
+    if batch["input_ids"].shape[1] + args.max_new_tokens > limit:
+        raise InputError(f"prompt of {batch['input_ids'].shape[1]} tokens + --max-new-tokens {args.max_new_tokens} "
+                         f"exceeds the model's limit of {limit} positions")
     model = PaliGemma.from_pretrained(args.model, backend=args.backend, check=args.check or None,
                                       progress=print_progress("loading weights"))
     n_prompt = batch["input_ids"].shape[1]
@@ -112,7 +115,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+def image_extensions() -> list[str]:
+    """The file name endings Pillow can write an image to."""
+    import PIL.Image
+
+    PIL.Image.init()
+    return sorted(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.SAVE)
 
 
 def check_prompt(prompt: str) -> None:
@@ -129,8 +138,9 @@ def check_output(path: str, flag: str, image: bool = False) -> None:
         raise InputError(f"{flag} {path}: folder {folder} does not exist")
     if os.path.isdir(path):
         raise InputError(f"{flag} {path}: is a folder, give a file name")
-    if image and os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-        raise InputError(f"{flag} {path}: not an image file name; end it in {', '.join(IMAGE_EXTENSIONS)}")
+    if image and os.path.splitext(path)[1].lower() not in image_extensions():
+        raise InputError(f"{flag} {path}: not an image file name; end it in .png, .jpg or another extension "
+                         f"Pillow writes")
 
 
 def check_run_args(args: argparse.Namespace) -> None:
@@ -147,6 +157,7 @@ def cmd_dump(args: argparse.Namespace) -> None:
     check_run_args(args)
     check_output(args.out, "--out")
     proc = Processor.from_pretrained(args.model)
+    proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow load
     model = PaliGemma.from_pretrained(args.model, backend=args.backend)
     names = diff.dump(model, proc, args.image, args.prompt, args.out, args.decode)
     log(f"wrote {len(names)} activations ({model.selection.describe()}) to {args.out}")
@@ -172,8 +183,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if b_is_dump:
         if args.model_b:
             raise InputError("--model-b and a dump as --b exclude each other")
-        diff.Dump(args.b)  # a missing or malformed dump fails before the run
-        result = diff.diff_runs(model_a, None, proc, args.image, args.prompt, args.decode, args.tol, dump_b=args.b)
+        dump_b = diff.Dump(args.b)  # a missing or malformed dump fails before the run
+        result = diff.diff_runs(model_a, None, proc, args.image, args.prompt, args.decode, args.tol, dump_b=dump_b)
         b_desc = args.b
     else:
         model_b = PaliGemma.from_pretrained(args.model_b or args.model, backend=args.b)
@@ -204,14 +215,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import refpg
-
     ap = Parser(prog="refpg", description="Reference PaliGemma in NumPy.",
                 epilog="exit codes: 0 done, 1 diff found a divergence, 2 bad input (one line on stderr)")
     ap.add_argument("--version", action="version", version=f"refpg {refpg.__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="answer a prompt about an image, streaming the answer")
-    g.add_argument("--model", default=None,
+    g.add_argument("--model", default=refpg.DEMO_MODEL,
                    help="checkpoint directory (config.json, *.safetensors, tokenizer.model); "
                         "default: the tiny demo model shipped with refpg (64x64 shapes scenes, see `refpg demo`)")
     g.add_argument("--image", required=True, help="image file (any format Pillow reads)")
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(run=cmd_demo)
 
     def run_args(p):
-        p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
+        p.add_argument("--model", default=refpg.DEMO_MODEL, help="checkpoint directory (default: the shipped demo model)")
         p.add_argument("--image", required=True, help="image file")
         p.add_argument("--prompt", required=True, help="task prompt")
         p.add_argument("--decode", type=int, default=0, metavar="N", help="also capture N greedy decode steps")
@@ -262,8 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "model", False) is None:
-        args.model = refpg.DEMO_MODEL
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:

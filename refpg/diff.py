@@ -220,7 +220,7 @@ def diff_streams(stored_names: list[str], get_stored: Callable[[str], np.ndarray
 
 
 def diff_runs(model_a, model_b, proc, image, prompt: str, decode_steps: int = 0, tol: float = 1e-3,
-              dump_b: str | None = None) -> DiffResult:
+              dump_b: "str | Dump | None" = None) -> DiffResult:
     """Run A is a model; run B is another model, or (dump_b) a dump file.
 
     Decode steps feed the same tokens to both sides: the dump's own tokens when B is a dump, else
@@ -228,13 +228,13 @@ def diff_runs(model_a, model_b, proc, image, prompt: str, decode_steps: int = 0,
     """
     batch = proc(images=[image], prompts=[prompt])
     if dump_b is not None:
-        b = Dump(dump_b)
+        b = dump_b if isinstance(dump_b, Dump) else Dump(dump_b)
         if b.meta.get("input_ids") not in (None, batch["input_ids"][0].tolist()):
-            raise DumpError(f"{dump_b}: the dump was made from other input ids (another prompt or tokenizer)")
+            raise DumpError(f"{b.path}: the dump was made from other input ids (another prompt or tokenizer)")
         tokens = b.meta.get("tokens", [])
         steps = min(decode_steps, len(tokens))
         if any(t >= model_a.config.text.vocab_size for t in tokens[:steps]):
-            raise DumpError(f"{dump_b}: its decode tokens lie outside this model's vocabulary "
+            raise DumpError(f"{b.path}: its decode tokens lie outside this model's vocabulary "
                             f"of {model_a.config.text.vocab_size} (a dump of another model?)")
         names = [n for n in b.names if Dump.step(n) < steps]
         return diff_streams(names, b.__getitem__, lambda on: run_model(model_a, batch, steps, on, tokens=tokens),

@@ -6,6 +6,7 @@ import numpy as np
 
 from refpg import backend as ops
 from refpg.config import TextConfig
+from refpg.errors import InputError
 from refpg.ops import rope_cos_sin
 from refpg.tap import tap
 from refpg.weights import TextLayer, TextWeights
@@ -22,7 +23,7 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int):
         if batch_size < 1 or max_len < 1:
-            raise ValueError(f"KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+            raise InputError(f"KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         self.shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
         # [B, max_len, kv_heads, hd] per layer, allocated by the first append, where attention runs
         self.k: list = [None] * cfg.num_hidden_layers
@@ -38,7 +39,7 @@ class KVCache:
         """Claim slots for T new tokens; returns their position ids [B, T]. Call once per forward."""
         T = valid.shape[1]
         if self.length + T > self.max_len:
-            raise ValueError(f"KV cache is full: {self.length} cached + {T} new tokens > max_len {self.max_len}")
+            raise InputError(f"KV cache is full: {self.length} cached + {T} new tokens > max_len {self.max_len}")
         s = slice(self.length, self.length + T)
         self.key_valid[:, s] = valid
         self.key_prefix[:, s] = prefix

@@ -90,7 +90,8 @@ def as_rgb_image(image, index: int = 0) -> PIL.Image.Image:
         raise ProcessorError(f"image {index}: expected a PIL.Image, a file path or a uint8 [H, W, 3] array, "
                              f"got {type(image).__name__}")
     if rgb is None or min(rgb.size) == 0:
-        raise ProcessorError(f"image {index}: has no pixels (size {list(getattr(image, 'shape', None) or image.size)})")
+        size = list(image.shape) if rgb is None else f"{rgb.size[0]}x{rgb.size[1]}"
+        raise ProcessorError(f"image {index}: has no pixels (size {size})")
     return rgb
 
 
@@ -196,6 +197,7 @@ class Processor:
         self.image_size = config.vision.image_size
         self.num_image_tokens = config.num_image_tokens
         self.image_token_index = config.image_token_index
+        self.max_positions = config.text.max_position_embeddings  # prompt + answer must fit in it
         self.pad_token_id, self.eos_token_id, self.bos_token_id = (
             config.pad_token_id, config.eos_token_id, config.bos_token_id)
         self.image_spec = image_spec or ImageSpec(size=self.image_size)

@@ -15,7 +15,7 @@ ERROR, never skipped), its replacement and what the bug is. For each one the too
   3. restores the file.
 
 It prints one row per mutation — caught or SURVIVED, the first failing test, seconds — and exits 1
-if any mutation survived (2 if the catalogue is stale or the unmutated suite fails). The tiny
+if any mutation survived (2 if the catalogue is stale, a run timed out, or the unmutated suite fails). The tiny
 checkpoints are written once and reused by every run (tests/conftest.py's
 REFPG_TEST_CHECKPOINT_CACHE).
 
@@ -173,7 +173,8 @@ CATALOGUE = [
       "embeds = ops.embedding(self.weights.text.embed_tokens, lookup)",
       "token embeddings not multiplied by sqrt(hidden)"),
     M("generate_done_rows_continue", "refpg/model.py",
-      "token = np.where(done, pad, token)", "token = token",
+      "token = np.where(done, pad, pick_next(step_logits, rng, **sampling))",
+      "token = pick_next(step_logits, rng, **sampling)",
       "rows that ended with <eos> keep generating instead of padding"),
     M("patch_embedding_channel_last", "refpg/weights.py",
       "patch.weight = patch.weight.reshape(v.hidden_size, -1)",
@@ -444,8 +445,9 @@ def run_mutation(scratch: Scratch, m: Mutation, timeout: float, extra: list[str]
     finally:
         with open(path, "w", encoding="utf-8") as f:
             f.write(original)
-    # a timeout counts as caught (the suite did not pass), with the reason as its "first failing test"
-    return ("SURVIVED" if outcome == "pass" else "caught"), first, time.perf_counter() - start
+    # a timeout is no verdict: a slow machine must not pass a survivor off as caught
+    result = {"pass": "SURVIVED", "fail": "caught", "timeout": "TIMEOUT"}[outcome]
+    return result, first, time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -502,13 +504,13 @@ def main(argv=None) -> int:
     scratch.build_extension()
 
     survived = [m.name for m, result, _, _ in rows if result == "SURVIVED"]
-    broken = [m.name for m, result, _, _ in rows if result == "ERROR"]
+    broken = [m.name for m, result, _, _ in rows if result in ("ERROR", "TIMEOUT")]
     caught = len(rows) - len(survived) - len(broken)
-    print(f"\n{caught} caught, {len(survived)} survived, {len(broken)} errors of {len(rows)} mutations")
+    print(f"\n{caught} caught, {len(survived)} survived, {len(broken)} errors or timeouts of {len(rows)} mutations")
     if survived:
         print("survived: " + ", ".join(survived))
     if broken:
-        print("errors (stale or broken catalogue entries): " + ", ".join(broken))
+        print("errors or timeouts (stale or broken catalogue entries, or a --timeout too short): " + ", ".join(broken))
     return 2 if broken else 1 if survived else 0
 
 
