@@ -121,7 +121,7 @@ class Pool {
     stopping_ = false;
     try {
       for (int i = 1; i < size(); ++i) workers_.emplace_back([this, i, g = generation_.load()] { loop(i, g); });
-    } catch (const std::system_error&) {
+    } catch (const std::exception&) {  // no thread (system_error) or no memory for one (bad_alloc)
       threads_ = static_cast<int>(workers_.size()) + 1;
     }
   }
