@@ -202,6 +202,72 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_DIVERGED if result.first_divergent else 0
 
 
+def cmd_conform(args: argparse.Namespace) -> int:
+    """Run the conformance catalogue (or the checks on --model) against an implementation."""
+    import json
+    import shutil
+    import tempfile
+
+    from refpg.conform import cases as catalogue
+    from refpg.conform.adapters import AdapterUnavailable, RefpgAdapter, make_adapter
+    from refpg.conform.run import check, format_table, run_case
+
+    try:
+        selected = catalogue.select(args.cases)
+    except ValueError as e:
+        raise InputError(f"--cases: {e}") from None
+    if args.list:
+        for case in selected:
+            print(f"{case.name:31s} {case.rule:16s} {case.checkpoint:24s} {case.note}")
+        return 0
+    if args.write_cases:
+        written = catalogue.export_cases(selected, args.write_cases)
+        log(f"wrote {len(written)} cases to {args.write_cases}: checkpoints/ and <case>.inputs.npz "
+            f"(write <case>.npz dumps into a directory D, then run refpg conform --impl dump:D)")
+        return 0
+    if not args.impl:
+        raise InputError("--impl is required (or --list, or --write-cases DIR)")
+    tol = number(args.tol, "--tol", above=True)
+    try:
+        adapter = make_adapter(args.impl)
+    except (AdapterUnavailable, ValueError, ImportError) as e:
+        raise InputError(f"--impl: {e}") from None
+    print(f"conformance of {adapter.describe()} with refpg {refpg.__version__}'s reference: every activation "
+          f"within max rel {tol:g}; both are fed the same ids and pixels (processors bypassed)\n", flush=True)
+    progress = (lambda r: log(f"  {r.case}: {r.status}")) if sys.stderr.isatty() else None
+    if args.model:
+        from refpg.conform.model_checks import model_checks
+
+        check_prompt(args.prompt)
+        from refpg import scenes
+
+        image = args.image or scenes.scene_for_seed(506).image
+        checks = model_checks(args.model, image, args.prompt, args.reference)
+        results = []
+        for name, rule, inputs in checks:
+            results.append(check(adapter, name, rule, args.model, inputs, tol, RefpgAdapter(args.reference)))
+            if progress:
+                progress(results[-1])
+    else:
+        root = args.keep or tempfile.mkdtemp(prefix="refpg-conform-")
+        try:
+            results = []
+            for case in selected:
+                results.append(run_case(adapter, case, root, tol))
+                if progress:
+                    progress(results[-1])
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+    print(format_table(results, tol))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"implementation": adapter.describe(), "tol": tol, "results": [r.to_json() for r in results]},
+                      f, indent=1)
+        log(f"wrote {args.json}")
+    return EXIT_DIVERGED if any(r.status != "pass" for r in results) else 0
+
+
 def log(msg: str) -> None:
     sys.stderr.write(msg + "\n")
     sys.stderr.flush()
@@ -266,6 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", default=None, metavar="FILE", help="write one record per activation, in order")
     x.add_argument("--plot", default=None, metavar="FILE.png", help="plot error per layer, log scale")
     x.set_defaults(run=cmd_diff)
+
+    c = sub.add_parser("conform", help="check an implementation of PaliGemma against the reference, rule by rule",
+                       description="Runs the conformance catalogue (tiny checkpoints + inputs, each exercising one rule "
+                                   "of PaliGemma) through an implementation and names the first activation where it "
+                                   "departs from refpg's reference, and the rule that points to. Exit code 1 when a "
+                                   "case fails.")
+    c.add_argument("--impl", metavar="SPEC", help="refpg[:BACKEND] | transformers | mlx-vlm | dump:DIR")
+    c.add_argument("--cases", nargs="+", metavar="NAME", help="run only these cases (see --list)")
+    c.add_argument("--tol", type=float, default=1e-3, help="max rel error allowed per activation (default 1e-3)")
+    c.add_argument("--json", metavar="FILE", help="write one record per case")
+    c.add_argument("--keep", metavar="DIR", help="write the case checkpoints here and keep them")
+    c.add_argument("--list", action="store_true", help="list the cases and the rule each exercises")
+    c.add_argument("--write-cases", metavar="DIR", help="write checkpoints and inputs for an implementation refpg "
+                                                         "cannot run (then compare its dumps with --impl dump:DIR)")
+    c.add_argument("--model", default=None, metavar="DIR",
+                   help="run the rules on this checkpoint instead of the catalogue")
+    c.add_argument("--image", default=None, help="with --model: the image (default: a scene of coloured shapes)")
+    c.add_argument("--prompt", default="caption en", help="with --model: the prompt (default: caption en)")
+    c.add_argument("--reference", default="auto", metavar="BACKEND",
+                   help="with --model: the backend refpg's reference runs on (default auto: cpp where built)")
+    c.set_defaults(run=cmd_conform)
     return ap
 
 

@@ -102,4 +102,4 @@ def make_adapter(spec: str) -> Adapter:
         from refpg.conform.mlx_vlm_adapter import MlxVlmAdapter
 
         return MlxVlmAdapter()
-    raise ValueError(f"--impl {spec!r}: choose refpg[:BACKEND], transformers, mlx-vlm or dump:DIR")
+    raise ValueError(f"unknown implementation {spec!r}: choose refpg[:BACKEND], transformers, mlx-vlm or dump:DIR")

@@ -216,3 +216,21 @@ def write_case_checkpoint(case: Case, root: str) -> str:
     if not os.path.isfile(os.path.join(out, "config.json")):
         CHECKPOINTS[case.checkpoint].write(out)
     return out
+
+
+def export_cases(cases: list[Case], out_dir: str) -> list[str]:
+    """For an implementation refpg cannot run: out_dir/checkpoints/<checkpoint>/ and, per case,
+    out_dir/<case>.inputs.npz (input_ids, pixel_values, token_type_ids, attention_mask, decode, and
+    `checkpoint`: the directory to load, relative to out_dir). The implementation writes its
+    activations as <case>.npz in refpg's dump format into a directory D; `refpg conform --impl dump:D`
+    compares them. Returns the files written."""
+    written = []
+    for case in cases:
+        model_dir = write_case_checkpoint(case, os.path.join(out_dir, "checkpoints"))
+        inputs = case.inputs(case.config())
+        path = os.path.join(out_dir, f"{case.name}.inputs.npz")
+        np.savez(path, input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
+                 token_type_ids=inputs.token_type_ids, attention_mask=inputs.attention_mask, decode=inputs.decode,
+                 checkpoint=np.array(os.path.relpath(model_dir, out_dir)), rule=np.array(case.rule))
+        written.append(path)
+    return written

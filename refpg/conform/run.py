@@ -82,46 +82,50 @@ def max_rel(expected: np.ndarray, got: np.ndarray) -> float:
     return float(d.max(initial=0.0) / scale) if scale else float(d.max(initial=0.0))
 
 
-def compare(case: Case, inputs: Inputs, expected: dict, got: dict, tol: float) -> CaseResult:
-    result = CaseResult(case.name, case.rule, "pass", max_rel=0.0)
+def compare(name: str, rule: str, inputs: Inputs, expected: dict, got: dict, tol: float) -> CaseResult:
+    """Expected vs got, in the expected activations' (forward) order; the first beyond tol fails."""
+    result = CaseResult(name, rule, "pass", max_rel=0.0)
     phases = ["prefill"] + [f"decode.{k}" for k in range(inputs.steps)]
     missing_logits = [p for p in phases if f"{p}/logits" not in got]
-    for name, want in expected.items():
-        if name not in got:
-            result.not_exposed.append(name)
+    for key, want in expected.items():
+        if key not in got:
+            result.not_exposed.append(key)
             continue
-        have = np.asarray(got[name])
-        rows = _valid_rows(name, inputs)
+        have = np.asarray(got[key])
+        rows = _valid_rows(key, inputs)
         if have.shape != want.shape:
             err = math.inf
         else:
             err = max_rel(want[rows] if rows is not None else want, have[rows] if rows is not None else have)
         result.compared += 1
         if not err <= tol:
-            phase, activation = name.split("/", 1)
+            phase, activation = key.split("/", 1)
             shape_note = f" (shape {list(have.shape)}, expected {list(want.shape)})" if have.shape != want.shape else ""
-            return CaseResult(case.name, case.rule, "fail", phase, activation, err,
-                              layer_of(activation) + shape_note, compared=result.compared,
-                              not_exposed=result.not_exposed)
+            return CaseResult(name, rule, "fail", phase, activation, err, layer_of(activation) + shape_note,
+                              compared=result.compared, not_exposed=result.not_exposed)
         result.max_rel = max(result.max_rel, err)
     if missing_logits:
         result.status, result.error = "fail", f"returned no logits for {', '.join(missing_logits)}"
     return result
 
 
-def run_case(adapter: Adapter, case: Case, root: str, tol: float,
-             reference: Adapter | None = None) -> CaseResult:
-    """One case: its checkpoint written under root, the reference's and the adapter's activations."""
-    model_dir = write_case_checkpoint(case, root)
-    inputs = case.inputs(case.config())
-    expected = (reference or RefpgAdapter("numpy")).run(case.name, model_dir, inputs)
+def check(adapter: Adapter, name: str, rule: str, model_dir: str, inputs: Inputs, tol: float,
+          reference: Adapter | None = None) -> CaseResult:
+    """One check: the reference's and the adapter's activations on the same checkpoint and inputs."""
+    expected = (reference or RefpgAdapter("numpy")).run(name, model_dir, inputs)
     try:
-        got = adapter.run(case.name, model_dir, inputs)
+        got = adapter.run(name, model_dir, inputs)
     except Exception as e:  # noqa: BLE001 — the implementation under test failed: that is a result
         last = traceback.extract_tb(e.__traceback__)[-1:] or [None]
         where = f" ({last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})" if last[0] else ""
-        return CaseResult(case.name, case.rule, "error", error=f"{type(e).__name__}: {e}{where}"[:400])
-    return compare(case, inputs, expected, got, tol)
+        return CaseResult(name, rule, "error", error=f"{type(e).__name__}: {e}{where}"[:400])
+    return compare(name, rule, inputs, expected, got, tol)
+
+
+def run_case(adapter: Adapter, case: Case, root: str, tol: float, reference: Adapter | None = None) -> CaseResult:
+    """A catalogue case: its checkpoint written under root (once), then check()."""
+    model_dir = write_case_checkpoint(case, root)
+    return check(adapter, case.name, case.rule, model_dir, case.inputs(case.config()), tol, reference)
 
 
 def run_suite(adapter: Adapter, cases: list[Case], root: str, tol: float,
