@@ -6,7 +6,9 @@
 
 Runs transformers' PaliGemma in float32 (eager attention) with hooks on its modules that report
 each activation under refpg's name (see refpg/diff.py for the format), then N greedy decode steps
-through its KV cache. Needs torch + transformers.
+through its KV cache, fed as its `generate` feeds them — the conformance suite's transformers adapter
+(refpg/conform/transformers_adapter.py) on transformers' own processor output. Needs torch +
+transformers; a checkpoint transformers loads only in part is an error.
 """
 
 from __future__ import annotations
@@ -15,39 +17,30 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_oracle import hf_processor, hooked  # noqa: E402
+import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_oracle import hf_processor  # noqa: E402
+
+from refpg.conform.transformers_adapter import CachedRun, load_model  # noqa: E402
 from refpg.diff import DumpWriter  # noqa: E402
 
 
 def transformers_dump(model_dir: str, image: str, prompt: str, out: str, decode_steps: int = 0) -> list[str]:
-    import torch
     from PIL import Image
-    from transformers import PaliGemmaForConditionalGeneration
 
-    model = PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-    proc = hf_processor(model_dir)
-    batch = proc(images=[Image.open(image)], text=[prompt], return_tensors="pt")
-    ids = batch["input_ids"]
+    model = load_model(model_dir)
+    batch = {k: v.numpy() for k, v in hf_processor(model_dir)(images=[Image.open(image)], text=[prompt],
+                                                              return_tensors="pt").items()}
     writer = DumpWriter(out)
-    phase = ["prefill"]
+    run = CachedRun(model, writer.add)
+    logits = run.prefill(batch["input_ids"], batch["pixel_values"], batch["token_type_ids"], batch["attention_mask"])
     tokens: list[int] = []
-    with hooked(model, lambda name, x: writer.add(f"{phase[0]}/{name}", x)), torch.no_grad():
-        T = ids.shape[1]
-        out_ = model(**batch, position_ids=torch.arange(1, T + 1)[None], use_cache=True)
-        writer.add("prefill/logits", out_.logits.float().numpy())
-        cache = out_.cache
-        for k in range(decode_steps):
-            token = int(out_.logits[0, -1].argmax())
-            tokens.append(token)
-            phase[0] = f"decode.{k}"
-            out_ = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True,
-                         position_ids=torch.tensor([[T + k + 1]]))
-            writer.add(f"decode.{k}/logits", out_.logits.float().numpy())
-            cache = out_.cache
-    writer.close({"prompt": prompt, "input_ids": ids[0].tolist(), "tokens": tokens, "source": "transformers"})
+    for _ in range(decode_steps):
+        tokens.append(int(logits[0, -1].argmax()))  # greedy
+        logits = run.step(np.array([[tokens[-1]]]))
+    writer.close({"prompt": prompt, "input_ids": batch["input_ids"][0].tolist(), "tokens": tokens,
+                  "source": "transformers"})
     return writer.names[:-1]
 
 
