@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 CACHE_ENV = "REFPG_TEST_CHECKPOINT_CACHE"
 # what the checkpoints and their reference activations depend on (refpg itself is not among them)
-CHECKPOINT_SOURCES = ("make_tiny_checkpoint.py", "hf_oracle.py", "tiny_tokenizer.py")
+CHECKPOINT_SOURCES = ("tools/make_tiny_checkpoint.py", "tools/hf_oracle.py", "tools/tiny_tokenizer.py",
+                      "refpg/conform/transformers_adapter.py")
 
 
 def checkpoint_cache_key() -> str:
@@ -33,7 +34,7 @@ def checkpoint_cache_key() -> str:
 
     h = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}\n".encode())
     for name in CHECKPOINT_SOURCES:
-        with open(os.path.join(ROOT, "tools", name), "rb") as f:
+        with open(os.path.join(ROOT, name), "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()[:16]
 
