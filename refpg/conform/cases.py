@@ -66,9 +66,11 @@ class Checkpoint:
     shards: int = 1
     scale: dict = field(default_factory=dict)
     seed: int = 0
+    drop: tuple = ()  # top-level config fields left out
 
     def write(self, out_dir: str) -> str:
-        return write_checkpoint(out_dir, self.config, self.seed, self.dtype, self.naming, self.shards, self.scale)
+        config = {k: v for k, v in self.config.items() if k not in self.drop}
+        return write_checkpoint(out_dir, config, self.seed, self.dtype, self.naming, self.shards, self.scale)
 
 
 def tiny_config(text: dict | None = None, vision: dict | None = None, **top) -> dict:
@@ -97,11 +99,15 @@ GEMMA2 = {"model_type": "gemma2", "num_key_value_heads": 2}
 
 CHECKPOINTS = {
     "gemma-f32": Checkpoint(tiny_config()),
+    # without the legacy top-level hidden_size (transformers 5 does not read it; the text width is
+    # text_config.hidden_size)
+    "gemma-no-top-level-width": Checkpoint(tiny_config(), drop=("hidden_size",)),
     # hidden / heads = 16, but the config says 24; plain multi-head attention
     "gemma-mha-head-dim-24": Checkpoint(tiny_config({"num_key_value_heads": 4, "head_dim": 24})),
     "gemma-gqa": Checkpoint(tiny_config({"num_key_value_heads": 2})),
-    # eps values far from the 1e-6 defaults, each tower its own
-    "gemma-eps": Checkpoint(tiny_config({"rms_norm_eps": 1e-4}, {"layer_norm_eps": 1e-3})),
+    # eps values far from the 1e-6 defaults, each tower its own (SigLIP's large enough that every one of
+    # its layer norms, the post-layernorm included, moves the output by more than 1e-3 when misread)
+    "gemma-eps": Checkpoint(tiny_config({"rms_norm_eps": 1e-4}, {"layer_norm_eps": 5e-2})),
     # eps left to their defaults (1e-6), with embeddings small enough that eps matters in the first norms
     "gemma-small-embeddings": Checkpoint(tiny_config(), scale={
         "embed_tokens": 1e-3, "multi_modal_projector": 1e-3, "patch_embedding": 1e-3, "position_embedding": 1e-3}),
@@ -180,7 +186,9 @@ CASES: list[Case] = [
     _case("head-dim-from-config", "head-dim", "gemma-mha-head-dim-24", "head_dim 24, hidden / heads = 16",
           decode=2),
     _case("gqa", "gqa", "gemma-gqa", "4 query heads on 2 kv heads", decode=2),
-    _case("norm-eps-from-config", "norm-eps", "gemma-eps", "layer_norm_eps 1e-3, rms_norm_eps 1e-4", decode=1),
+    _case("norm-eps-from-config", "norm-eps", "gemma-eps", "layer_norm_eps 5e-2, rms_norm_eps 1e-4", decode=1),
+    _case("text-width-from-text-config", "config-defaults", "gemma-no-top-level-width",
+          "no top-level hidden_size: the width is text_config's", decode=1),
     _case("norm-eps-defaults", "config-defaults", "gemma-small-embeddings",
           "eps left out (1e-6), small embeddings make it matter", decode=1),
     _case("bf16-new-names-3-shards", "tensor-names", "gemma-bf16-new-3-shards",

@@ -118,7 +118,8 @@ def check(adapter: Adapter, name: str, rule: str, model_dir: str, inputs: Inputs
     except Exception as e:  # noqa: BLE001 — the implementation under test failed: that is a result
         last = traceback.extract_tb(e.__traceback__)[-1:] or [None]
         where = f" ({last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})" if last[0] else ""
-        return CaseResult(name, rule, "error", error=f"{type(e).__name__}: {e}{where}"[:400])
+        message = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the implementation wrote
+        return CaseResult(name, rule, "error", error=f"{message}{where}"[:400])
     return compare(name, rule, inputs, expected, got, tol)
 
 
