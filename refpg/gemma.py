@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refpg import backend as ops
+from refpg.backend import attention, geglu, linear, rms_norm, rope, softcap, zeros_beside
 from refpg.config import TextConfig
 from refpg.errors import InputError
 from refpg.ops import rope_cos_sin
@@ -25,7 +25,7 @@ class KVCache:
         if batch_size < 1 or max_len < 1:
             raise InputError(f"KV cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         self.shape = (batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        # [B, max_len, kv_heads, hd] per layer, allocated by the first append, where attention runs
+        # [B, max_len, kv_heads, hd] per layer, allocated by the first append beside the keys it holds
         self.k: list = [None] * cfg.num_hidden_layers
         self.v: list = [None] * cfg.num_hidden_layers
         self.key_valid = np.zeros((batch_size, max_len), bool)
@@ -52,7 +52,7 @@ class KVCache:
         """Write k, v [B, T, kv_heads, hd] after the cached slots; return all keys/values so far."""
         end = self.length + k.shape[1]
         if self.k[layer] is None:
-            self.k[layer], self.v[layer] = ops.zeros(self.shape, "attention"), ops.zeros(self.shape, "attention")
+            self.k[layer], self.v[layer] = zeros_beside(k, self.shape), zeros_beside(v, self.shape)
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
@@ -85,35 +85,35 @@ def self_attention(x: np.ndarray, layer: TextLayer, cfg: TextConfig, cos: np.nda
     """RoPE'd MQA/GQA attention over the cache. [B, T, H] -> [B, T, H]."""
     B, T, _ = x.shape
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = ops.linear(x, layer.q_proj.weight).reshape(B, T, heads, hd)
-    k = ops.linear(x, layer.k_proj.weight).reshape(B, T, kv_heads, hd)
-    v = ops.linear(x, layer.v_proj.weight).reshape(B, T, kv_heads, hd)
-    q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+    q = linear(x, layer.q_proj.weight).reshape(B, T, heads, hd)
+    k = linear(x, layer.k_proj.weight).reshape(B, T, kv_heads, hd)
+    v = linear(x, layer.v_proj.weight).reshape(B, T, kv_heads, hd)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
     keys, values = cache.append(i, k, v)  # [B, S, kv_heads, hd]
     scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
-    out = ops.attention(q, keys, values, mask, scale, cfg.attn_logit_softcapping)  # [B, T, heads, hd]
-    return ops.linear(out.reshape(B, T, heads * hd), layer.o_proj.weight)
+    out = attention(q, keys, values, mask, scale, cfg.attn_logit_softcapping)  # [B, T, heads, hd]
+    return linear(out.reshape(B, T, heads * hd), layer.o_proj.weight)
 
 
 def mlp(x: np.ndarray, layer: TextLayer) -> np.ndarray:
     """GeGLU: down(gelu_tanh(gate(x)) * up(x)). [B, T, H] -> [B, T, H]."""
-    gate = ops.linear(x, layer.gate_proj.weight)  # [B, T, F]
-    up = ops.linear(x, layer.up_proj.weight)  # [B, T, F]
-    return ops.linear(ops.geglu(gate, up), layer.down_proj.weight)
+    gate = linear(x, layer.gate_proj.weight)  # [B, T, F]
+    up = linear(x, layer.up_proj.weight)  # [B, T, F]
+    return linear(geglu(gate, up), layer.down_proj.weight)
 
 
 def decoder_layer(x: np.ndarray, layer: TextLayer, cfg: TextConfig, cos: np.ndarray, sin: np.ndarray,
                   mask: np.ndarray, cache: KVCache, i: int) -> np.ndarray:
     """Gemma: x + attn(norm(x)); x + mlp(norm(x)). Gemma 2 also norms each branch's output."""
     eps = cfg.rms_norm_eps
-    h = ops.rms_norm(x, layer.input_layernorm.weight, eps)
+    h = rms_norm(x, layer.input_layernorm.weight, eps)
     attn_out = tap(f"text.{i}.attn_out", self_attention(h, layer, cfg, cos, sin, mask, cache, i))
     if layer.post_feedforward_layernorm is not None:  # Gemma 2 sandwich norms
-        x = x + tap(f"text.{i}.post_attn_norm", ops.rms_norm(attn_out, layer.post_attention_layernorm.weight, eps))
-        mlp_out = tap(f"text.{i}.mlp_out", mlp(ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps), layer))
-        return x + tap(f"text.{i}.post_ff_norm", ops.rms_norm(mlp_out, layer.post_feedforward_layernorm.weight, eps))
+        x = x + tap(f"text.{i}.post_attn_norm", rms_norm(attn_out, layer.post_attention_layernorm.weight, eps))
+        mlp_out = tap(f"text.{i}.mlp_out", mlp(rms_norm(x, layer.pre_feedforward_layernorm.weight, eps), layer))
+        return x + tap(f"text.{i}.post_ff_norm", rms_norm(mlp_out, layer.post_feedforward_layernorm.weight, eps))
     x = x + attn_out
-    mlp_out = tap(f"text.{i}.mlp_out", mlp(ops.rms_norm(x, layer.post_attention_layernorm.weight, eps), layer))
+    mlp_out = tap(f"text.{i}.mlp_out", mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps), layer))
     return x + mlp_out
 
 
@@ -126,17 +126,17 @@ def decoder(x: np.ndarray, valid: np.ndarray, prefix: np.ndarray, w: TextWeights
     T = x.shape[1]
     start = cache.length
     positions = cache.reserve(valid, prefix)  # [B, T]
-    cos, sin = (ops.place(t, "rope") for t in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta))  # [B, T, hd]
-    full = ops.place(prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T), "attention")  # [B, T, S]
-    sliding = ops.place(prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T, cfg.sliding_window),
-                        "attention") if cfg.sliding_window is not None else full
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [B, T, hd]
+    full = prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T)  # [B, T, S]
+    sliding = (prefix_lm_mask(cache.key_valid, cache.key_prefix, start, T, cfg.sliding_window)
+               if cfg.sliding_window is not None else full)
     for i, layer in enumerate(w.layers):
         mask = sliding if cfg.layer_types and cfg.layer_types[i] == "sliding_attention" else full
         x = tap(f"text.{i}", decoder_layer(x, layer, cfg, cos, sin, mask, cache, i))
     cache.commit(T)
-    return tap("text.norm", ops.rms_norm(x, w.norm.weight, cfg.rms_norm_eps))
+    return tap("text.norm", rms_norm(x, w.norm.weight, cfg.rms_norm_eps))
 
 
 def logits(h: np.ndarray, w: TextWeights, cfg: TextConfig) -> np.ndarray:
     """Tied LM head (+ Gemma 2's final soft-cap). [B, T, H] -> [B, T, V]."""
-    return tap("logits", ops.softcap(ops.linear(h, w.lm_head), cfg.final_logit_softcapping))
+    return tap("logits", softcap(linear(h, w.lm_head), cfg.final_logit_softcapping))

@@ -9,9 +9,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from refpg import backend as ops
-from refpg import cuda
-from refpg.backend import Selection, use
+from refpg.backend import Selection, embedding, use
 from refpg.config import PaliGemmaConfig, load_config
 from refpg.errors import InputError, integer
 from refpg.gemma import KVCache, decoder, logits
@@ -66,12 +64,10 @@ class PaliGemma:
         selection = Selection.from_spec(backend, check)
         config = load_config(path)
         if weight_dtype == "auto":
-            # bf16 as stored only when matmul is native (NumPy would decode them on every call)
-            weight_dtype = "auto" if selection.backends["linear"] != "numpy" else "float32"
+            # bf16 as stored only when matmul reads it so (NumPy would decode it on every call)
+            weight_dtype = "auto" if selection.reads_bf16 else "float32"
         weights = load_weights(path, config, progress=progress, matrix_dtype=weight_dtype)
-        if selection.backends["linear"] == "cuda":
-            weights = cuda.upload_weights(weights)  # once; they stay on the GPU
-        return cls(config, weights, selection)
+        return cls(config, selection.prepare_weights(weights), selection)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -134,7 +130,7 @@ class PaliGemma:
         with use(self.selection):
             # <image> ids may lie past the embedding table: look up id 0 there, the features replace it
             lookup = np.where(ids == self.config.image_token_index, 0, ids)
-            embeds = ops.embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)
+            embeds = embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)
             x = tap("text.embeddings", merge_image_features(embeds, ids, features, self.config.image_token_index))
             h = decoder(x, valid, prefix, self.weights.text, t, cache)
             if last_only:

@@ -10,29 +10,14 @@ import math
 
 import numpy as np
 
+from refpg.formats import Matrix, to_float32
+
 F32 = np.float32
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32: the 16 bits become the high half of the float."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even (NaN stays NaN)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded.astype(np.uint16))
-
-
-def as_f32(w: np.ndarray) -> np.ndarray:
-    """Weights may be kept as bf16 bits (uint16) for the native kernels; NumPy computes on float32."""
-    return bf16_to_f32(w) if w.dtype == np.uint16 else w
-
-
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W.T + b, W stored [out, in] as in the checkpoint (float32 or bf16 bits)."""
-    y = x @ as_f32(weight).T  # [..., in] -> [..., out]
+def linear(x: np.ndarray, weight: Matrix, bias: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T + b, W [out, in] as in the checkpoint, in any weight format."""
+    y = x @ to_float32(weight).T  # [..., in] -> [..., out]
     if bias is not None:
         y += bias
     return y
@@ -120,6 +105,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, heads, hd)
 
 
-def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row lookup: table [V, D] (float32 or bf16 bits), ids [B, T] -> [B, T, D] float32."""
-    return np.asarray(as_f32(table[ids]), dtype=F32)
+def embedding(table: Matrix, ids: np.ndarray) -> np.ndarray:
+    """Row lookup: table [V, D] in any weight format, ids [B, T] -> [B, T, D] float32."""
+    rows = to_float32(table.rows(np.reshape(ids, -1)))  # [B·T, D]
+    return rows.reshape(*np.shape(ids), table.shape[1])

@@ -14,7 +14,7 @@ import struct
 import numpy as np
 
 from refpg.errors import CheckpointError
-from refpg.ops import bf16_to_f32
+from refpg.formats import bf16_to_f32
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refpg import backend as ops
+from refpg.backend import attention, gelu_tanh, layer_norm, linear
 from refpg.config import VisionConfig
 from refpg.tap import tap
 from refpg.weights import Linear, VisionLayer, VisionWeights
@@ -20,7 +20,7 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
 
 def embeddings(pixels: np.ndarray, w: VisionWeights, cfg: VisionConfig) -> np.ndarray:
     """Patch embedding + learned position embedding. [B, 3, S, S] -> [B, N, D]."""
-    x = ops.linear(patchify(pixels, cfg.patch_size), w.patch_embedding.weight, w.patch_embedding.bias)
+    x = linear(patchify(pixels, cfg.patch_size), w.patch_embedding.weight, w.patch_embedding.bias)
     return x + w.position_embedding
 
 
@@ -28,26 +28,26 @@ def self_attention(x: np.ndarray, layer: VisionLayer, cfg: VisionConfig) -> np.n
     """Full (unmasked) multi-head attention with biased projections. [B, N, D] -> [B, N, D]."""
     B, N, D = x.shape
     heads, hd = cfg.num_attention_heads, cfg.head_dim
-    q = ops.linear(x, layer.q_proj.weight, layer.q_proj.bias).reshape(B, N, heads, hd)
-    k = ops.linear(x, layer.k_proj.weight, layer.k_proj.bias).reshape(B, N, heads, hd)
-    v = ops.linear(x, layer.v_proj.weight, layer.v_proj.bias).reshape(B, N, heads, hd)
-    out = ops.attention(q, k, v, None, scale=hd ** -0.5).reshape(B, N, D)  # no mask: every patch sees all
-    return ops.linear(out, layer.out_proj.weight, layer.out_proj.bias)
+    q = linear(x, layer.q_proj.weight, layer.q_proj.bias).reshape(B, N, heads, hd)
+    k = linear(x, layer.k_proj.weight, layer.k_proj.bias).reshape(B, N, heads, hd)
+    v = linear(x, layer.v_proj.weight, layer.v_proj.bias).reshape(B, N, heads, hd)
+    out = attention(q, k, v, None, scale=hd ** -0.5).reshape(B, N, D)  # no mask: every patch sees all
+    return linear(out, layer.out_proj.weight, layer.out_proj.bias)
 
 
 def mlp(x: np.ndarray, layer: VisionLayer) -> np.ndarray:
     """fc1 -> gelu (tanh) -> fc2. [B, N, D] -> [B, N, D]."""
-    h = ops.gelu_tanh(ops.linear(x, layer.fc1.weight, layer.fc1.bias))  # [B, N, F]
-    return ops.linear(h, layer.fc2.weight, layer.fc2.bias)
+    h = gelu_tanh(linear(x, layer.fc1.weight, layer.fc1.bias))  # [B, N, F]
+    return linear(h, layer.fc2.weight, layer.fc2.bias)
 
 
 def encoder_layer(x: np.ndarray, layer: VisionLayer, cfg: VisionConfig, i: int) -> np.ndarray:
     """Pre-LN transformer block: x + attn(LN1(x)), then + mlp(LN2(x))."""
     eps = cfg.layer_norm_eps
     attn_out = tap(f"vision.{i}.attn_out", self_attention(
-        ops.layer_norm(x, layer.layer_norm1.weight, layer.layer_norm1.bias, eps), layer, cfg))
+        layer_norm(x, layer.layer_norm1.weight, layer.layer_norm1.bias, eps), layer, cfg))
     x = x + attn_out
-    mlp_out = tap(f"vision.{i}.mlp_out", mlp(ops.layer_norm(x, layer.layer_norm2.weight, layer.layer_norm2.bias, eps), layer))
+    mlp_out = tap(f"vision.{i}.mlp_out", mlp(layer_norm(x, layer.layer_norm2.weight, layer.layer_norm2.bias, eps), layer))
     return x + mlp_out
 
 
@@ -57,9 +57,9 @@ def vision_tower(pixels: np.ndarray, w: VisionWeights, cfg: VisionConfig) -> np.
     for i, layer in enumerate(w.layers):
         x = tap(f"vision.{i}", encoder_layer(x, layer, cfg, i))
     return tap("vision.post_layernorm",
-               ops.layer_norm(x, w.post_layernorm.weight, w.post_layernorm.bias, cfg.layer_norm_eps))
+               layer_norm(x, w.post_layernorm.weight, w.post_layernorm.bias, cfg.layer_norm_eps))
 
 
 def project(features: np.ndarray, projector: Linear) -> np.ndarray:
     """Linear projector into the text model's width. [B, N, D] -> [B, N, H]."""
-    return tap("projector", ops.linear(features, projector.weight, projector.bias))
+    return tap("projector", linear(features, projector.weight, projector.bias))

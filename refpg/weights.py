@@ -17,13 +17,13 @@ from typing import Callable
 import numpy as np
 
 from refpg.config import PaliGemmaConfig
-from refpg.ops import f32_to_bf16
+from refpg.formats import STORAGE_DTYPE, Format, Matrix, encode
 from refpg.safetensors_io import CheckpointError, SafetensorsFile
 
 
 @dataclass
 class Linear:
-    weight: np.ndarray  # [out, in]
+    weight: Matrix  # [out, in]
     bias: np.ndarray | None = None  # [out]
 
 
@@ -71,10 +71,10 @@ class TextLayer:
 
 @dataclass
 class TextWeights:
-    embed_tokens: np.ndarray  # [V, H]
+    embed_tokens: Matrix  # [V, H]
     layers: list[TextLayer]
     norm: Norm
-    lm_head: np.ndarray  # [V, H]; the same array as embed_tokens when tied
+    lm_head: Matrix  # [V, H]; the same Matrix as embed_tokens when tied
 
 
 @dataclass
@@ -200,9 +200,9 @@ def open_checkpoint(model_dir: str) -> dict[str, SafetensorsFile]:
 
 def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, int], None] | None = None,
                  matrix_dtype: str = "float32") -> Weights:
-    """Read and check every weight. Norms, biases and position embeddings become float32; the
-    matrices (linear weights, embeddings) become `matrix_dtype`: "float32", or "bfloat16" (kept
-    as bf16 bits in uint16 for the native kernels: BF16 tensors are then used as stored, without
+    """Read and check every weight. Norms, biases and position embeddings become float32 arrays;
+    the matrices (linear weights, embeddings) become `Matrix`es (refpg.formats) of `matrix_dtype`:
+    "float32", or "bfloat16" (for the native kernels: BF16 tensors are then used as stored, without
     a copy), or "auto": bfloat16 when the checkpoint stores its embeddings as BF16. F32 tensors
     read as float32 stay memory-mapped."""
     if matrix_dtype not in ("float32", "bfloat16", "auto"):
@@ -233,7 +233,7 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
     total = len(by_hub)
     done = 0
 
-    def get(hub: str, matrix: bool = False) -> np.ndarray:
+    def get(hub: str, matrix: bool = False) -> np.ndarray | Matrix:
         nonlocal done
         name, f = by_hub[hub]
         want = shapes.get(hub) or (cfg.text.vocab_size, cfg.text.hidden_size)
@@ -244,13 +244,17 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
         if not all_finite(stored):  # read once, as stored (bf16 bits, f16, f32): no conversion first
             raise CheckpointError(f"{f.path}: tensor {name!r} holds NaN or infinite values "
                                   f"(a corrupt or diverged checkpoint)")
-        to_bf16 = matrix and matrix_dtype == "bfloat16"
-        arr = (stored if f.dtype(name) == "BF16" else f32_to_bf16(f.float32(name))) if to_bf16 else f.float32(name)
-        narrowed = f.dtype(name) == "F64" or (to_bf16 and f.dtype(name) == "F32")  # where rounding can overflow
-        if narrowed and not all_finite(arr):
-            raise CheckpointError(f"{f.path}: tensor {name!r} holds values beyond the range of "
-                                  f"{'bfloat16' if arr.dtype == np.uint16 else 'float32'} (finite in the file); "
-                                  f"load it with weight_dtype='float32'")
+        fmt = Format.BF16 if matrix and matrix_dtype == "bfloat16" else Format.F32
+        values = stored if fmt is Format.BF16 and f.dtype(name) == "BF16" else f.float32(name)
+        if matrix:  # the patch embedding's [D, 3, P, P] kernel as [D, 3·P·P]: the convolution as a matrix
+            values = values.reshape(want[0], -1)
+            arr = Matrix(values, fmt) if values.dtype == STORAGE_DTYPE[fmt] else encode(values, fmt)
+        else:
+            arr = values
+        narrowed = f.dtype(name) == "F64" or (fmt is Format.BF16 and f.dtype(name) == "F32")  # rounding may overflow
+        if narrowed and not all_finite(arr.data if matrix else arr):
+            raise CheckpointError(f"{f.path}: tensor {name!r} holds values beyond the range of {fmt.value} "
+                                  f"(finite in the file); load it with weight_dtype='float32'")
         done += 1
         if progress is not None:
             progress(done, total)
@@ -264,7 +268,6 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
 
     v, t = cfg.vision, cfg.text
     patch = linear(VISION + "embeddings.patch_embedding")
-    patch.weight = patch.weight.reshape(v.hidden_size, -1)  # [D, 3, P, P] -> [D, 3*P*P]
     vision = VisionWeights(
         patch_embedding=patch,
         position_embedding=get(VISION + "embeddings.position_embedding.weight"),

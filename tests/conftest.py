@@ -104,9 +104,9 @@ PARITY_BOUND = {"numpy": 1e-5, "cpp": 1e-5, "cpp-amx": 1e-4}
 def parity_bound(backend_name: str) -> float:
     """The bound on max |diff| / max |transformers| for a model run entirely on backend_name."""
     if backend_name == "cpp":
-        from refpg import backend
+        from refpg.backends.cpp import _C
 
-        if backend._C is not None and backend._C.simd_path() == "amx":
+        if _C is not None and _C.simd_path() == "amx":
             return PARITY_BOUND["cpp-amx"]
     return PARITY_BOUND[backend_name]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refpg import ops
+from refpg.formats import Format, Matrix
 
 compiled = True
 transfers = {"upload": 0, "download": 0}
@@ -140,9 +141,15 @@ def scatter_rows(dst, rows, src):
 
 # ---- ops ----------------------------------------------------------------------------------------
 
+def _matrix(t, name) -> Matrix:
+    """A weight as the binding reads it: float32, or bf16 bits (uint16)."""
+    data = _dense(t, name)
+    return Matrix(data, Format.BF16 if data.dtype == np.uint16 else Format.F32)
+
+
 def linear(x, w, b=None):
     assert isinstance(x, Tensor) and len(x.shape) == 2 and x.inner_contiguous(1)
-    return _new(ops.linear(x.host_view(), _dense(w, "weight"), None if b is None else _f32(b, "bias")))
+    return _new(ops.linear(x.host_view(), _matrix(w, "weight"), None if b is None else _f32(b, "bias")))
 
 
 def rms_norm(x, w, eps):
@@ -186,7 +193,7 @@ def rope(x, cos, sin):
 def embedding(table, ids):
     assert isinstance(ids, np.ndarray) and ids.dtype == np.int64  # ids come from the host
     transfers["upload"] += 1
-    return _new(ops.embedding(_dense(table, "table"), ids))
+    return _new(ops.embedding(_matrix(table, "table"), ids))
 
 
 def attention(q, k, v, mask, scale, softcap=None):

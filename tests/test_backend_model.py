@@ -10,6 +10,8 @@ from conftest import case_inputs, load_reference, parity_bound
 from make_tiny_checkpoint import VARIANTS
 from refpg import PaliGemma, backend
 from refpg.backend import BackendMismatch, Selection, parse_spec
+from refpg.backends.base import OP_NAMES, Backend
+from refpg.formats import Format
 
 needs_cpp = pytest.mark.skipif(backend.available("cpp") != list(backend.OP_NAMES),
                                reason=backend.UNAVAILABLE.get("cpp", "refpg._C lacks some kernels"))
@@ -41,7 +43,7 @@ def test_cpp_backend_reproduces_reference_logits_and_tokens(tiny_checkpoints, va
     assert set(model.selection.backends.values()) == {"cpp"}
     if variant.startswith("bf16"):
         # BF16 tensors go to the kernels as stored: the same values the reference decodes
-        assert model.weights.text.layers[0].q_proj.weight.dtype == np.uint16
+        assert model.weights.text.layers[0].q_proj.weight.format is Format.BF16
     for case in ("single", "batch"):
         inputs = case_inputs(ref, case)
         real = inputs["attention_mask"].astype(bool)
@@ -69,7 +71,7 @@ def test_f32_checkpoint_run_with_bf16_weights_stays_within_the_stated_bound(tiny
     path = tiny_checkpoints["f32-hub-single"]
     ref = load_reference(path)
     model = PaliGemma.from_pretrained(path, backend="cpp", weight_dtype="bfloat16")
-    assert model.weights.text.layers[0].gate_proj.weight.dtype == np.uint16
+    assert model.weights.text.layers[0].gate_proj.weight.format is Format.BF16
     err = rel_err(prefill(model, case_inputs(ref, "single")), ref["single/logits"])
     assert 0 < err <= BF16_ROUNDED_TOL
 
@@ -84,12 +86,15 @@ def test_check_mode_passes_on_correct_kernels(tiny_checkpoints):
 def test_check_mode_names_the_op_and_the_layer_of_a_wrong_kernel(tiny_checkpoints, monkeypatch):
     path = tiny_checkpoints["f32-hub-single"]
     reference_geglu = backend.OPS["geglu"]["numpy"]
-    monkeypatch.setitem(backend.OPS["geglu"], "broken", lambda gate, up: reference_geglu(gate, up) * np.float32(1.01))
-    monkeypatch.setitem(backend.OPS["geglu"], "numpy", reference_geglu)
-    selection = Selection.from_spec("numpy", check=True)
-    selection.backends["geglu"], selection.fns["geglu"] = "broken", backend.OPS["geglu"]["broken"]
-    model = PaliGemma.from_pretrained(path, backend="numpy")
-    model.selection = selection
+
+    class Broken(Backend):  # a backend with one op, 1 % off
+        name = "broken"
+        ops = {"geglu": lambda gate, up: reference_geglu(gate, up) * np.float32(1.01)}
+
+    monkeypatch.setitem(backend.BACKENDS, "broken", Broken())
+    monkeypatch.setitem(backend.OPS["geglu"], "broken", Broken.ops["geglu"])
+    model = PaliGemma.from_pretrained(path, backend={**{op: "numpy" for op in OP_NAMES}, "geglu": "broken"},
+                                      check=True)
     with pytest.raises(BackendMismatch, match=r"geglu \(broken\) after activation 'text.0.attn_out'.*NMSE"):
         prefill(model, case_inputs(load_reference(path), "single"))
 

@@ -121,7 +121,7 @@ def test_bad_environment_variables_fail_whatever_the_backend():
 
 def test_refpg_threads_sets_the_kernels_thread_count_at_import():
     pytest.importorskip("refpg._C", reason="REFPG_THREADS configures the native kernels")
-    result = run_python(["-c", "import refpg.backend as b; print(b._C.num_threads())"], env={"REFPG_THREADS": "1"})
+    result = run_python(["-c", "import refpg; from refpg import _C; print(_C.num_threads())"], env={"REFPG_THREADS": "1"})
     assert result.returncode == 0 and result.stdout.strip() == "1", result.stderr
 
 

@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 
+from refpg.formats import Format, Matrix
 from refpg.config import config_from_dict, load_config
 from refpg.safetensors_io import CheckpointError, SafetensorsFile
 from refpg.weights import LM_HEAD, PROJECTOR, TEXT, VISION, Weights, expected_shapes, load_weights
@@ -96,18 +97,24 @@ def load(model_dir) -> Weights:
     return load_weights(str(model_dir), load_config(str(model_dir)))
 
 
+def f32(m: Matrix) -> np.ndarray:
+    """A matrix loaded with the default matrix_dtype: float32, as stored."""
+    assert m.format is Format.F32
+    return m.data
+
+
 def weights_by_hub(w: Weights) -> dict[str, np.ndarray]:
     """Where each hub tensor should have landed in the Weights dataclasses."""
     v = CFG.vision
     out = {
-        VISION + "embeddings.patch_embedding.weight": w.vision.patch_embedding.weight.reshape(
+        VISION + "embeddings.patch_embedding.weight": f32(w.vision.patch_embedding.weight).reshape(
             v.hidden_size, 3, v.patch_size, v.patch_size),
         VISION + "embeddings.patch_embedding.bias": w.vision.patch_embedding.bias,
         VISION + "embeddings.position_embedding.weight": w.vision.position_embedding,
         VISION + "post_layernorm.weight": w.vision.post_layernorm.weight,
         VISION + "post_layernorm.bias": w.vision.post_layernorm.bias,
-        PROJECTOR + "weight": w.projector.weight, PROJECTOR + "bias": w.projector.bias,
-        TEXT + "embed_tokens.weight": w.text.embed_tokens, TEXT + "norm.weight": w.text.norm.weight,
+        PROJECTOR + "weight": f32(w.projector.weight), PROJECTOR + "bias": w.projector.bias,
+        TEXT + "embed_tokens.weight": f32(w.text.embed_tokens), TEXT + "norm.weight": w.text.norm.weight,
     }
     for i, layer in enumerate(w.vision.layers):
         p = f"{VISION}encoder.layers.{i}."
@@ -115,19 +122,19 @@ def weights_by_hub(w: Weights) -> dict[str, np.ndarray]:
             out[p + name + ".weight"], out[p + name + ".bias"] = getattr(layer, name).weight, getattr(layer, name).bias
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             lin = getattr(layer, name)
-            out[p + f"self_attn.{name}.weight"], out[p + f"self_attn.{name}.bias"] = lin.weight, lin.bias
+            out[p + f"self_attn.{name}.weight"], out[p + f"self_attn.{name}.bias"] = f32(lin.weight), lin.bias
         for name in ("fc1", "fc2"):
             lin = getattr(layer, name)
-            out[p + f"mlp.{name}.weight"], out[p + f"mlp.{name}.bias"] = lin.weight, lin.bias
+            out[p + f"mlp.{name}.weight"], out[p + f"mlp.{name}.bias"] = f32(lin.weight), lin.bias
     for i, layer in enumerate(w.text.layers):
         p = f"{TEXT}layers.{i}."
         out[p + "input_layernorm.weight"] = layer.input_layernorm.weight
         out[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[p + f"self_attn.{name}.weight"] = getattr(layer, name).weight
+            out[p + f"self_attn.{name}.weight"] = f32(getattr(layer, name).weight)
             assert getattr(layer, name).bias is None
         for name in ("gate_proj", "up_proj", "down_proj"):
-            out[p + f"mlp.{name}.weight"] = getattr(layer, name).weight
+            out[p + f"mlp.{name}.weight"] = f32(getattr(layer, name).weight)
         assert layer.pre_feedforward_layernorm is None and layer.post_feedforward_layernorm is None
     assert w.text.lm_head is w.text.embed_tokens
     assert len(out) == len(expected_shapes(CFG))
@@ -204,7 +211,7 @@ def test_lm_head_is_the_embedding_when_tied(tmp_path):
     tensors[LM_HEAD] = np.zeros_like(tensors[TEXT + "embed_tokens.weight"])  # a stored copy is unused
     w = load(write_checkpoint(tmp_path, tensors))
     assert w.text.lm_head is w.text.embed_tokens
-    np.testing.assert_array_equal(w.text.lm_head, tensors[TEXT + "embed_tokens.weight"])
+    np.testing.assert_array_equal(f32(w.text.lm_head), tensors[TEXT + "embed_tokens.weight"])
 
 
 # transformers reads the LM head under both names (transformers 4 saved it inside `language_model.`)
@@ -213,7 +220,7 @@ def test_untied_lm_head_is_read_from_the_checkpoint_under_either_name(tmp_path, 
     tensors = hub_tensors()
     tensors[name] = tensors[TEXT + "embed_tokens.weight"] * 2
     w = load(write_checkpoint(tmp_path, tensors, config={**CONFIG, "tie_word_embeddings": False}))
-    np.testing.assert_array_equal(w.text.lm_head, tensors[name])
+    np.testing.assert_array_equal(f32(w.text.lm_head), tensors[name])
 
 
 def test_untied_config_without_lm_head_names_it(tmp_path):

@@ -16,7 +16,8 @@ from conftest import case_inputs, load_reference, run_python
 from make_tiny_checkpoint import VARIANTS
 from test_backend_model import prefill, rel_err
 
-from refpg import PaliGemma, backend, cuda
+from refpg import PaliGemma, backend
+from refpg.backends import cuda
 
 F32 = np.float32
 needs_gpu = pytest.mark.usefixtures("cuda_device")  # skips without a GPU; fails instead under REFPG_REQUIRE_CUDA=1

@@ -10,6 +10,7 @@ check mode work. What it cannot prove: the CUDA kernels (tests/test_cuda.py, on 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import fake_cuda
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 from conftest import case_inputs, load_reference
 
-from refpg import PaliGemma, backend, cuda
-from refpg.cuda import DeviceArray
+from refpg import PaliGemma, backend
+from refpg.backend import Selection
+from refpg.backends import cuda
+from refpg.backends.cuda import DeviceArray
 
 F32 = np.float32
 
@@ -87,7 +90,7 @@ def test_model_on_the_cuda_path_matches_the_reference(fake_gpu, tiny_checkpoints
     ref = load_reference(path)
     reference = PaliGemma.from_pretrained(path, backend="numpy")
     model = PaliGemma.from_pretrained(path, backend="cuda")
-    assert isinstance(model.weights.text.layers[0].q_proj.weight, DeviceArray)
+    assert isinstance(model.weights.text.layers[0].q_proj.weight.data, DeviceArray)
     assert model.weights.text.lm_head is model.weights.text.embed_tokens  # tied: uploaded once
     for case in ("single", "batch"):
         inputs = case_inputs(ref, case)
@@ -96,8 +99,6 @@ def test_model_on_the_cuda_path_matches_the_reference(fake_gpu, tiny_checkpoints
 
 
 def n_arrays(tree) -> int:
-    import dataclasses
-
     if isinstance(tree, np.ndarray):
         return 1
     if isinstance(tree, list):
@@ -107,25 +108,43 @@ def n_arrays(tree) -> int:
     return 0
 
 
-def test_weights_go_up_once_and_a_decode_step_moves_only_ids_tables_masks_and_logits(fake_gpu, tiny_checkpoints):
-    path = tiny_checkpoints["gemma2-bf16"]  # two masks per pass: full and sliding
-    host_weights = PaliGemma.from_pretrained(path, backend="numpy").weights
-    model = PaliGemma.from_pretrained(path, backend="cuda")
-    distinct = n_arrays(host_weights) - 1  # lm_head is embed_tokens
-    assert fake_gpu["upload"] == distinct and fake_gpu["download"] == 0
-
-    inputs = case_inputs(load_reference(path), "single")
+def transfers_of_a_prefill_and_a_decode_step(model, inputs, fake_gpu) -> list[dict[str, int]]:
     B, T = inputs["input_ids"].shape
     cache = model.new_cache(B, T + 2)
+    counts = []
     fake_gpu.update(upload=0, download=0)
     model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"], cache=cache,
           last_only=True)
-    # patches, ids, image-row indices, cos, sin, 2 masks in; logits out
-    assert fake_gpu == {"upload": 7, "download": 1}
+    counts.append(dict(fake_gpu))
     fake_gpu.update(upload=0, download=0)
     model(np.array([[5]]), token_type_ids=np.ones((1, 1), np.int64), cache=cache)
-    assert fake_gpu == {"upload": 5, "download": 1}  # ids, cos, sin, full and sliding masks
-    assert model.config.text.num_hidden_layers >= 3  # ... although every layer ran ~10 ops
+    counts.append(dict(fake_gpu))
+    return counts
+
+
+def test_weights_go_up_once_and_a_forward_pass_moves_as_many_arrays_whatever_the_depth(fake_gpu, tiny_checkpoints):
+    """Transfers per pass do not grow with the layers: every op of every layer reads what is already
+    on the device (weights, KV cache) or what the pass uploaded once (ids or patches, RoPE tables,
+    masks); only the logits come down."""
+    path = tiny_checkpoints["gemma2-bf16"]  # two masks per pass: full and sliding
+    host = PaliGemma.from_pretrained(path, backend="numpy")
+    deep = PaliGemma.from_pretrained(path, backend="cuda")
+    assert fake_gpu["upload"] == n_arrays(host.weights) - 1 and fake_gpu["download"] == 0  # lm_head is embed_tokens
+
+    # the same model cut to 1 vision layer and 2 text layers (one sliding, one full: both masks are read)
+    cfg, w = host.config, host.weights
+    assert cfg.text.layer_types[:2] == ("sliding_attention", "full_attention") and cfg.text.num_hidden_layers >= 3
+    cut = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=1),
+                              text=dataclasses.replace(cfg.text, num_hidden_layers=2, layer_types=cfg.text.layer_types[:2]))
+    cut_weights = dataclasses.replace(w, vision=dataclasses.replace(w.vision, layers=w.vision.layers[:1]),
+                                      text=dataclasses.replace(w.text, layers=w.text.layers[:2]))
+    selection = Selection.from_spec("cuda")
+    shallow = PaliGemma(cut, selection.prepare_weights(cut_weights), selection)
+
+    inputs = case_inputs(load_reference(path), "single")
+    deep_counts = transfers_of_a_prefill_and_a_decode_step(deep, inputs, fake_gpu)
+    assert deep_counts == transfers_of_a_prefill_and_a_decode_step(shallow, inputs, fake_gpu)
+    assert [c["download"] for c in deep_counts] == [1, 1]  # the logits
 
 
 def test_mixed_selection_and_check_mode_on_the_cuda_path(fake_gpu, tiny_checkpoints):

@@ -15,7 +15,7 @@ import pytest
 from refpg import ops
 from refpg.config import TextConfig
 from refpg.gemma import KVCache, prefix_lm_mask
-from refpg.safetensors_io import bf16_to_f32
+from refpg.formats import Format, Matrix, bf16_to_f32, f32_to_bf16
 from refpg.sampling import pick_next
 
 F32, F64 = np.float32, np.float64
@@ -53,13 +53,13 @@ def test_linear_is_x_times_w_transposed_plus_bias(rng, batch, n_in, n_out, with_
     for n in range(xf.shape[0]):
         for o in range(n_out):
             expected[n, o] = sum(xf[n, i] * float(w[o, i]) for i in range(n_in)) + (float(b[o]) if with_bias else 0.0)
-    assert_close(ops.linear(x, w, b), expected.reshape(*batch, n_out), rtol=1e-5, atol=1e-5)
+    assert_close(ops.linear(x, Matrix(w), b), expected.reshape(*batch, n_out), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_does_not_modify_its_inputs(rng):
     x, w, b = rand(rng, 3, 4), rand(rng, 5, 4), rand(rng, 5)
     copies = [a.copy() for a in (x, w, b)]
-    ops.linear(x, w, b)
+    ops.linear(x, Matrix(w), b)
     for a, c in zip((x, w, b), copies):
         np.testing.assert_array_equal(a, c)
 
@@ -310,14 +310,16 @@ def test_attention_with_one_visible_key_returns_its_value(rng):
 # ---- embedding ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ids_shape", [(1, 1), (2, 7), (3, 1)])
-@pytest.mark.parametrize("table_dtype", [F32, np.float16])
-def test_embedding_looks_up_rows(rng, ids_shape, table_dtype):
-    table = rand(rng, 11, 5).astype(table_dtype)
+@pytest.mark.parametrize("fmt", [Format.F32, Format.BF16])
+def test_embedding_looks_up_rows(rng, ids_shape, fmt):
+    table = rand(rng, 11, 5) if fmt is Format.F32 else rng.integers(0, 1 << 16, (11, 5)).astype(np.uint16)
     ids = rng.integers(0, 11, size=ids_shape)
-    out = ops.embedding(table, ids)
+    out = ops.embedding(Matrix(table, fmt), ids)
     assert out.dtype == F32 and out.shape == (*ids_shape, 5)
     for idx in np.ndindex(*ids_shape):
-        np.testing.assert_array_equal(out[idx], table[ids[idx]].astype(F32))
+        row = table[ids[idx]]
+        expected = row if fmt is Format.F32 else (row.astype(np.uint32) << 16).view(F32)  # bf16: the float's high half
+        np.testing.assert_array_equal(out[idx].view(np.uint32), expected.view(np.uint32))
 
 
 # ---- output dtypes --------------------------------------------------------------------------
@@ -327,8 +329,9 @@ def test_every_op_returns_float32_for_float32_inputs(rng):
     cos, sin = ops.rope_cos_sin(np.arange(6).reshape(2, 3), 8, 10000.0)
     q, kv = rand(rng, 2, 3, 2, 8), rand(rng, 2, 3, 1, 8)
     outputs = {
-        "linear": ops.linear(x, rand(rng, 5, 8)),
-        "linear+bias": ops.linear(x, rand(rng, 5, 8), rand(rng, 5)),
+        "linear": ops.linear(x, Matrix(rand(rng, 5, 8))),
+        "linear+bias": ops.linear(x, Matrix(rand(rng, 5, 8)), rand(rng, 5)),
+        "linear-bf16": ops.linear(x, Matrix(f32_to_bf16(rand(rng, 5, 8)), Format.BF16)),
         "layer_norm": ops.layer_norm(x, w, b, 1e-6),
         "rms_norm": ops.rms_norm(x, w, 1e-6),
         "gelu_tanh": ops.gelu_tanh(x),
@@ -338,7 +341,8 @@ def test_every_op_returns_float32_for_float32_inputs(rng):
         "rope_cos": cos, "rope_sin": sin,
         "rope": ops.rope(q, cos, sin),
         "attention": ops.attention(q, kv, kv, np.ones((2, 3, 3), bool), 8 ** -0.5, 50.0),
-        "embedding": ops.embedding(rand(rng, 10, 4), np.array([[1, 2]])),
+        "embedding": ops.embedding(Matrix(rand(rng, 10, 4)), np.array([[1, 2]])),
+        "embedding-bf16": ops.embedding(Matrix(f32_to_bf16(rand(rng, 10, 4)), Format.BF16), np.array([[1, 2]])),
     }
     assert {name: str(a.dtype) for name, a in outputs.items()} == {name: "float32" for name in outputs}
 
@@ -381,14 +385,14 @@ def test_bf16_to_f32_matches_torch_bit_for_bit():
 
 
 def test_f32_to_bf16_rounds_to_nearest_even_like_torch_bit_for_bit():
-    """weight_dtype="bfloat16" rounds f32 checkpoints with ops.f32_to_bf16: it must give torch's bits.
+    """weight_dtype="bfloat16" rounds f32 checkpoints with formats.f32_to_bf16: it must give torch's bits.
     Every bf16 value, each with the low 16 bits below, at and above the halfway point — exact ties
     with an even and an odd high half (round to even: down and up), the largest finite floats
     (round to inf), subnormals, infinities — and NaNs (any NaN bits; only NaN-ness is compared)."""
     torch = pytest.importorskip("torch")
     low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
     x = ((ALL_BF16.astype(np.uint32) << 16)[:, None] | low[None, :]).ravel().view(F32)
-    ours = ops.f32_to_bf16(x)
+    ours = f32_to_bf16(x)
     theirs = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     nan = np.isnan(x)
     np.testing.assert_array_equal(ours[~nan], theirs[~nan])

@@ -33,7 +33,7 @@ w = rng.standard_normal(4096).astype(np.float32)
 ref = ops.rms_norm(x, w, 1e-6)
 a = rng.standard_normal((40, 512)).astype(np.float32)   # a GEMM: 40 rows, parallel over panels
 b = rng.standard_normal((300, 512)).astype(np.float32)
-ref_ab = ops.linear(a, b)
+ref_ab = a @ b.T
 
 def kernels_are_right():
     return (np.abs(_C.rms_norm(x, w, 1e-6) - ref).max() < 1e-4

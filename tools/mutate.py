@@ -98,7 +98,7 @@ CATALOGUE = [
       "qg = q.reshape(B, T, kv_heads, group, hd).transpose(0, 2, 3, 1, 4)",
       "qg = q.reshape(B, T, group, kv_heads, hd).transpose(0, 3, 2, 1, 4)",
       "GQA: query head h reads kv head h % kv_heads instead of h // group"),
-    M("f32_to_bf16_round_half_up", "refpg/ops.py",
+    M("f32_to_bf16_round_half_up", "refpg/formats.py",
       "rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)",
       "rounded = (bits + np.uint32(0x8000)) >> np.uint32(16)",
       "float32 -> bf16 rounds half up instead of half to even"),
@@ -138,12 +138,12 @@ CATALOGUE = [
       "scale = (cfg.query_pre_attn_scalar or cfg.hidden_size // heads) ** -0.5",
       "scores scaled by (hidden/heads)^-1/2, which is not head_dim in every Gemma"),
     M("attn_softcap_uses_final_cap", "refpg/gemma.py",
-      "out = ops.attention(q, keys, values, mask, scale, cfg.attn_logit_softcapping)",
-      "out = ops.attention(q, keys, values, mask, scale, cfg.final_logit_softcapping)",
+      "out = attention(q, keys, values, mask, scale, cfg.attn_logit_softcapping)",
+      "out = attention(q, keys, values, mask, scale, cfg.final_logit_softcapping)",
       "attention logits capped with the final-logit cap"),
     M("gemma2_pre_ff_norm_weight", "refpg/gemma.py",
-      "mlp(ops.rms_norm(x, layer.pre_feedforward_layernorm.weight, eps), layer)",
-      "mlp(ops.rms_norm(x, layer.post_attention_layernorm.weight, eps), layer)",
+      "mlp(rms_norm(x, layer.pre_feedforward_layernorm.weight, eps), layer)",
+      "mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps), layer)",
       "Gemma 2's MLP input normed with the post-attention norm's weight"),
     M("text_eps_hardcoded", "refpg/gemma.py",
       "eps = cfg.rms_norm_eps", "eps = 1e-6",
@@ -169,16 +169,16 @@ CATALOGUE = [
       "embeds[is_image] = image_features.transpose(1, 0, 2).reshape(B * N, -1)",
       "image features merged token-major across the batch"),
     M("embed_not_scaled", "refpg/model.py",
-      "embeds = ops.embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)",
-      "embeds = ops.embedding(self.weights.text.embed_tokens, lookup)",
+      "embeds = embedding(self.weights.text.embed_tokens, lookup) * embed_scale(t.hidden_size)",
+      "embeds = embedding(self.weights.text.embed_tokens, lookup)",
       "token embeddings not multiplied by sqrt(hidden)"),
     M("generate_done_rows_continue", "refpg/model.py",
       "token = np.where(done, pad, pick_next(step_logits, rng, **sampling))",
       "token = pick_next(step_logits, rng, **sampling)",
       "rows that ended with <eos> keep generating instead of padding"),
     M("patch_embedding_channel_last", "refpg/weights.py",
-      "patch.weight = patch.weight.reshape(v.hidden_size, -1)",
-      "patch.weight = patch.weight.transpose(0, 2, 3, 1).reshape(v.hidden_size, -1)",
+      "values = values.reshape(want[0], -1)",
+      "values = (values.transpose(0, 2, 3, 1) if values.ndim == 4 else values).reshape(want[0], -1)",
       "patch-embedding kernel flattened channel-last [D, P, P, 3]"),
     M("lm_head_old_name_not_mapped", "refpg/weights.py",
       '    ("language_model.lm_head.weight", LM_HEAD),\n', "",
@@ -312,7 +312,7 @@ CATALOGUE = [
 ]
 # Tried and removed as equivalent (they survived, and no test could catch them: the program's
 # results are the same bits):
-#  - refpg/ops.py bf16_to_f32 widening the bits to int32 instead of uint32: uint16 values fit
+#  - refpg/formats.py bf16_to_f32 widening the bits to int32 instead of uint32: uint16 values fit
 #    int32, and `<< 16` wraps into the sign bit, so the float32 bits are identical.
 #  - csrc/cpu/matmul.cpp Gemm::tile copying C into the edge tile on the first depth block too
 #    (`i < mr` for `i < mr && !first`): the first block's tile does not accumulate, so the copied

@@ -19,7 +19,7 @@ import numpy as np
 
 from refpg import DEMO_MODEL
 from refpg.config import config_from_dict
-from refpg.ops import f32_to_bf16
+from refpg.formats import f32_to_bf16
 from refpg.weights import LM_HEAD, PROJECTOR, TEXT, VISION, expected_shapes
 
 VOCAB = 1685          # the demo tokenizer's 1621 pieces, <image> = 1621, and padding rows up to 1685

@@ -8,18 +8,24 @@ rows a boolean mask picks (image features at the <image> positions). `np.asarray
 the host — that is how the logits come out.
 
 Data placement on the `cuda` path: weights are uploaded once, when the model loads
-(`upload_weights`); the KV cache is allocated on the GPU; per forward pass the token ids (or
-pixels), the RoPE tables and the masks go in once (`refpg.backend.place`), never per op; the
-logits come out. A selection that mixes `cuda` with CPU backends copies arrays across at each
-switch (`refpg.backend` moves them), which is slow and only meant for bisecting a disagreement.
+(`prepare_weights`); the KV cache is allocated on the GPU (beside the keys it holds); within one
+forward pass a host array is uploaded once however many ops read it (the token ids or pixels, the
+RoPE tables, the masks), never per op; the logits come out. A selection that mixes `cuda` with CPU
+backends copies arrays across at each switch (the dispatcher calls `adopt`), which is slow and
+only meant for bisecting a disagreement.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import numbers
 
 import numpy as np
+
+from refpg.backends.base import OP_NAMES, Backend
+from refpg.formats import Matrix
 
 try:
     from refpg import _C
@@ -160,34 +166,39 @@ class DeviceArray:
     __rmul__ = __mul__
 
 
+# Within a forward pass: id(host array) -> (the array, its upload). The array is held, so its id
+# cannot be reused by another during the pass; the model does not write into an array it has
+# handed to an op in the same pass.
+_pass_uploads: contextvars.ContextVar[dict | None] = contextvars.ContextVar("refpg_cuda_uploads", default=None)
+
+
 def as_device(x) -> DeviceArray:
-    """x itself when it is on the GPU, else a device copy of it (float32, uint16 bf16 bits, int64, bool)."""
+    """x itself when it is on the GPU, else a device copy of it (float32, uint16 bf16 bits, int64,
+    bool); inside a forward pass, the copy made for the same host array earlier in the pass."""
     if isinstance(x, DeviceArray):
         return x
+    uploads = _pass_uploads.get()
+    if uploads is not None and id(x) in uploads:
+        return uploads[id(x)][1]
     a = np.asarray(x)
     if a.dtype == np.float64:
         a = a.astype(np.float32)
-    return DeviceArray(_C.cuda.upload(np.require(a, requirements="C")))  # keeps 0-d arrays 0-d
-
-
-def to_host(x):
-    """A DeviceArray as a numpy array; anything else unchanged."""
-    return np.asarray(x) if isinstance(x, DeviceArray) else x
-
-
-def zeros(shape) -> DeviceArray:
-    return DeviceArray(_C.cuda.zeros(list(shape), np.float32))
+    dev = DeviceArray(_C.cuda.upload(np.require(a, requirements="C")))  # keeps 0-d arrays 0-d
+    if uploads is not None and isinstance(x, np.ndarray):
+        uploads[id(x)] = (x, dev)
+    return dev
 
 
 def upload_weights(tree):
     """A copy of a weights dataclass tree (refpg.weights) with every array on the GPU, uploaded once
-    (an array that appears twice — tied embeddings — is uploaded once and shared)."""
-    done: dict[int, DeviceArray] = {}
+    (an array or matrix that appears twice — tied embeddings — is uploaded once and shared)."""
+    done: dict[int, object] = {}
 
     def walk(node):
-        if isinstance(node, np.ndarray):
+        if isinstance(node, (np.ndarray, Matrix)):
             if id(node) not in done:
-                done[id(node)] = as_device(node)
+                done[id(node)] = (as_device(node) if isinstance(node, np.ndarray)
+                                  else Matrix(as_device(node.data), node.format))
             return done[id(node)]
         if isinstance(node, list):
             return [walk(n) for n in node]
@@ -209,10 +220,10 @@ def _t(x):
     return as_device(x).contiguous().t
 
 
-def linear(x, weight, bias=None):
+def linear(x, weight: Matrix, bias=None):
     x = as_device(x)
     K = x.shape[-1]
-    y = _C.cuda.linear(x.reshape(-1, K).t, _t(weight), None if bias is None else _t(bias))  # [M, N]
+    y = _C.cuda.linear(x.reshape(-1, K).t, _t(weight.data), None if bias is None else _t(bias))  # [M, N]
     return DeviceArray(y).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -236,10 +247,6 @@ def softcap(x, cap):
     return x if cap is None else DeviceArray(_C.cuda.softcap(_t(x), cap))
 
 
-def softmax(x):
-    return DeviceArray(_C.cuda.softmax(_t(x)))
-
-
 def rope(x, cos, sin):
     return DeviceArray(_C.cuda.rope(_t(x), _t(cos), _t(sin)))
 
@@ -250,8 +257,45 @@ def attention(q, k, v, mask, scale, logit_softcap=None):
     return DeviceArray(_C.cuda.attention(q.t, k.t, v.t, m, scale, logit_softcap))
 
 
-def embedding(table, ids):
+def embedding(table: Matrix, ids):
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
-    return DeviceArray(_C.cuda.embedding(_t(table), np.ascontiguousarray(ids, dtype=np.int64)))
+    return DeviceArray(_C.cuda.embedding(_t(table.data), np.ascontiguousarray(ids, dtype=np.int64)))
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    ops = {} if _C is None else {op: globals()[op] for op in OP_NAMES}
+    array_type = DeviceArray
+    auto = False  # until its kernels have passed the op table on a GPU
+    reads_bf16 = True
+    # Its prefill matmul rounds activations (and fp32 weights) to bf16 for the tensor cores (NMSE
+    # ~1e-6 expected); its decode GEMV stays exact fp32.
+    tolerance = {"linear": 2e-5}
+
+    def unavailable(self) -> str | None:
+        return unavailable_reason()
+
+    def adopt(self, x):
+        return x  # the op adapters upload host arrays themselves (once per pass)
+
+    def zeros(self, shape) -> DeviceArray:
+        return DeviceArray(_C.cuda.zeros(list(shape), np.float32))
+
+    def prepare_weights(self, weights):
+        return upload_weights(weights)  # once; they stay on the GPU
+
+    @contextlib.contextmanager
+    def forward_pass(self):
+        if _pass_uploads.get() is not None:  # nested: the outer pass keeps its uploads
+            yield
+            return
+        token = _pass_uploads.set({})
+        try:
+            yield
+        finally:
+            _pass_uploads.reset(token)
+
+
+BACKEND = CudaBackend()
