@@ -98,7 +98,11 @@ def cuda_device():
 #  - cpp on its float32 FMA paths (avx512, avx2, scalar): 2.4e-06 worst (same case), AMD EPYC.
 #  - cpp on AMX: 3.9e-05 worst (README, Intel Xeon): the AMX GEMM carries 16 bits of each
 #    activation's mantissa, not 24; bounded by 1e-4, the bound every path had before.
-PARITY_BOUND = {"numpy": 1e-5, "cpp": 1e-5, "cpp-amx": 1e-4}
+#  - cuda: 3e-2 on the logits. Its prefill matmuls round activations to bf16 for the tensor cores
+#    (decode stays fp32): after the tiny models' 3 + 2 layers that moves logits by about what
+#    rounding the weights to bf16 does (tests/test_backend_model.py's BF16_ROUNDED_TOL, measured
+#    0.5-1.5 % there). Not yet measured on a GPU.
+PARITY_BOUND = {"numpy": 1e-5, "cpp": 1e-5, "cpp-amx": 1e-4, "cuda": 3e-2}
 
 
 def parity_bound(backend_name: str) -> float:
@@ -109,6 +113,17 @@ def parity_bound(backend_name: str) -> float:
         if _C is not None and _C.simd_path() == "amx":
             return PARITY_BOUND["cpp-amx"]
     return PARITY_BOUND[backend_name]
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref|: the parity measure of every whole-model test."""
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def prefill(model, inputs: dict) -> np.ndarray:
+    """Logits of one forward pass over a reference case's inputs."""
+    return model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
+                 attention_mask=inputs["attention_mask"])
 
 
 def load_reference(model_dir: str) -> dict[str, np.ndarray]:

@@ -1,13 +1,12 @@
-"""Whole-model agreement of the native backends with the NumPy reference, backend selection, and
-check mode."""
+"""Backend selection, check mode, and bf16-rounded weights on the native backend (whole-model
+parity of every backend: tests/test_parity_transformers.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import case_inputs, load_reference, parity_bound
-from make_tiny_checkpoint import VARIANTS
+from conftest import case_inputs, load_reference, prefill, rel_err
 from refpg import PaliGemma, backend
 from refpg.backend import BackendMismatch, Selection, parse_spec
 from refpg.backends.base import OP_NAMES, Backend
@@ -16,54 +15,10 @@ from refpg.formats import Format
 needs_cpp = pytest.mark.skipif(backend.available("cpp") != list(backend.OP_NAMES),
                                reason=backend.UNAVAILABLE.get("cpp", "refpg._C lacks some kernels"))
 
-# relative to max |logit|, as for the reference against transformers (conftest.PARITY_BOUND: 1e-5,
-# 1e-4 where linear runs on AMX tiles)
-LOGITS_TOL = parity_bound("cpp")
 # An f32 checkpoint rounded to bf16 weights: each weight moves by up to 2^-9 relative, which after
 # 3 + 2 layers of this tiny model moves the logits by about 1% of their range (measured 0.5–1.5%
 # over the single, batch and suffix cases of f32-hub-single and f32-hires).
 BF16_ROUNDED_TOL = 3e-2
-
-
-def rel_err(a, ref):
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
-
-
-def prefill(model, inputs):
-    return model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
-                 attention_mask=inputs["attention_mask"])
-
-
-@needs_cpp
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_cpp_backend_reproduces_reference_logits_and_tokens(tiny_checkpoints, variant):
-    path = tiny_checkpoints[variant]
-    ref = load_reference(path)
-    model = PaliGemma.from_pretrained(path, backend="cpp")
-    assert set(model.selection.backends.values()) == {"cpp"}
-    if variant.startswith("bf16"):
-        # BF16 tensors go to the kernels as stored: the same values the reference decodes
-        assert model.weights.text.layers[0].q_proj.weight.format is Format.BF16
-    for case in ("single", "batch"):
-        inputs = case_inputs(ref, case)
-        real = inputs["attention_mask"].astype(bool)
-        assert rel_err(prefill(model, inputs)[real], ref[f"{case}/logits"][real]) <= LOGITS_TOL
-        np.testing.assert_array_equal(model.generate(inputs, max_new_tokens=ref[f"{case}/greedy"].shape[1]),
-                                      ref[f"{case}/greedy"])
-
-
-@needs_cpp
-@pytest.mark.parametrize("variant", ["f16-gqa-sharded", "gemma2-bf16"])  # GQA; sliding window + caps
-def test_cpp_suffix_through_kv_cache_matches_reference(tiny_checkpoints, variant):
-    ref = load_reference(tiny_checkpoints[variant])
-    model = PaliGemma.from_pretrained(tiny_checkpoints[variant], backend="cpp")
-    inputs = case_inputs(ref, "suffix")
-    ids, types = inputs["input_ids"], inputs["token_type_ids"]
-    n = int((types[0] == 0).sum())
-    cache = model.new_cache(1, ids.shape[1])
-    steps = [model(ids[:, :n], inputs["pixel_values"], token_type_ids=types[:, :n], cache=cache)]
-    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(n, ids.shape[1])]
-    assert rel_err(np.concatenate(steps, 1), ref["suffix/logits"]) <= LOGITS_TOL
 
 
 @needs_cpp

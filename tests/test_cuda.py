@@ -13,8 +13,6 @@ import os
 import numpy as np
 import pytest
 from conftest import case_inputs, load_reference, run_python
-from make_tiny_checkpoint import VARIANTS
-from test_backend_model import prefill, rel_err
 
 from refpg import PaliGemma, backend
 from refpg.backends import cuda
@@ -22,12 +20,6 @@ from refpg.backends import cuda
 F32 = np.float32
 needs_gpu = pytest.mark.usefixtures("cuda_device")  # skips without a GPU; fails instead under REFPG_REQUIRE_CUDA=1
 rng = np.random.default_rng(7)
-
-# The prefill matmuls round activations to bf16 for the tensor cores (decode stays fp32): after
-# the tiny models' 3 + 2 layers that moves logits by about what rounding the weights to bf16 does
-# (tests/test_backend_model.py's BF16_ROUNDED_TOL, measured 0.5-1.5 % there).
-CUDA_LOGITS_TOL = 3e-2
-
 
 def randn(*shape):
     return rng.standard_normal(shape).astype(F32)
@@ -102,22 +94,6 @@ def test_kernels_read_only_inside_their_views():
         out = np.asarray(cuda.attention(q, k[:, :40], k[:, :40], np.ones((2, T, 40), bool), 0.25))
         ref = backend.OPS["attention"]["numpy"](q, cache[:, :40], cache[:, :40], np.ones((2, T, 40), bool), 0.25)
         assert backend.nmse(out, ref) <= backend.tolerance("attention", "cuda")
-
-
-@needs_gpu
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_cuda_backend_reproduces_reference_logits_and_tokens(tiny_checkpoints, variant):
-    path = tiny_checkpoints[variant]
-    ref = load_reference(path)
-    model = PaliGemma.from_pretrained(path, backend="cuda")
-    for case in ("single", "batch"):
-        inputs = case_inputs(ref, case)
-        real = inputs["attention_mask"].astype(bool)
-        err = rel_err(prefill(model, inputs)[real], ref[f"{case}/logits"][real])
-        assert err <= CUDA_LOGITS_TOL, f"{variant} {case}: {err:.2e}"
-    inputs = case_inputs(ref, "single")
-    np.testing.assert_array_equal(model.generate(inputs, max_new_tokens=ref["single/greedy"].shape[1]),
-                                  ref["single/greedy"])
 
 
 @needs_gpu

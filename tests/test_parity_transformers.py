@@ -1,8 +1,10 @@
-"""refpg's NumPy reference against transformers' PaliGemma on tiny random checkpoints.
+"""refpg against transformers' PaliGemma on tiny random checkpoints, on every backend.
 
 Each checkpoint variant (f32 / bf16 / f16, single file / shards, three tensor namings, MQA / GQA /
-MHA, default and other eps values) carries what transformers computed on it. Agreement is measured
-as max |diff| / max |reference|.
+MHA, default and other eps values) carries what transformers computed on it. The whole model runs
+on each backend — numpy, cpp, and cuda where a GPU is (skipped otherwise; failed under
+REFPG_REQUIRE_CUDA=1) — and agreement is measured as max |diff| / max |reference|, bounded per
+backend (conftest.PARITY_BOUND).
 """
 
 from __future__ import annotations
@@ -10,35 +12,41 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import case_inputs, load_reference, parity_bound
+from conftest import case_inputs, load_reference, parity_bound, prefill, rel_err, require_cuda_or_skip
 from make_tiny_checkpoint import VARIANTS
+from refpg import backend
+from refpg.formats import Format
 from refpg.model import PaliGemma
 from refpg.tap import record
 
-# float32 end to end on both sides; the only differences are summation orders. One bound for every
-# activation and the logits, per backend, set from measurements: see conftest.PARITY_BOUND.
-LOGITS_TOL = parity_bound("numpy")  # 1e-5: the NumPy reference measured up to 2.1e-6
+BACKENDS = ["numpy", "cpp", "cuda"]
 
 
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_name(request):
+    if request.param == "cuda":
+        require_cuda_or_skip()
+    elif backend.available(request.param) != list(backend.OP_NAMES):
+        pytest.skip(f"the {request.param} backend is not built here: {backend.UNAVAILABLE.get(request.param)}")
+    return request.param
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
-def variant(request, tiny_checkpoints):
+def variant(request, tiny_checkpoints, backend_name):
+    """(variant name, the model loaded on the backend, transformers' results, the backend's bound)"""
     path = tiny_checkpoints[request.param]
-    return request.param, PaliGemma.from_pretrained(path, backend="numpy"), load_reference(path)
+    model = PaliGemma.from_pretrained(path, backend=backend_name)
+    assert set(model.selection.backends.values()) == {backend_name}
+    if request.param.startswith("bf16") and backend_name != "numpy":
+        # BF16 tensors go to the native kernels as stored: the same values the reference decodes
+        assert model.weights.text.layers[0].q_proj.weight.format is Format.BF16
+    return request.param, model, load_reference(path), parity_bound(backend_name)
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "cpp"])
-def test_every_activation_matches_transformers_layer_by_layer(variant, backend_name, tiny_checkpoints):
-    name, model, ref = variant
-    if backend_name != "numpy":
-        from refpg import backend
-
-        if backend.available(backend_name) != list(backend.OP_NAMES):
-            pytest.skip(f"the {backend_name} backend is not built here")
-        model = PaliGemma.from_pretrained(tiny_checkpoints[name], backend=backend_name)
+def test_every_activation_matches_transformers_layer_by_layer(variant, backend_name):
+    name, model, ref, bound = variant
+    if backend_name == "cuda":
+        pytest.skip("cuda's bound is set on the logits only, until its activations are measured on a GPU")
     inputs = case_inputs(ref, "single")
     with record() as acts:
         model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
@@ -51,7 +59,6 @@ def test_every_activation_matches_transformers_layer_by_layer(variant, backend_n
     assert list(acts)[:1] == ["vision.embeddings"] and list(acts)[-1] == "logits"
     assert {f"vision.{n_vision - 1}", "projector", "text.embeddings", f"text.{n_text - 1}", "text.norm"} <= set(acts)
     assert sorted(acts) == expected, "refpg and the reference name different activations"
-    bound = parity_bound(backend_name)
     for key in acts:
         err = rel_err(acts[key], ref[f"single/{key}"])
         assert err <= bound, f"{name} ({backend_name}): {key} differs from transformers by {err:.2e} (relative)"
@@ -59,29 +66,27 @@ def test_every_activation_matches_transformers_layer_by_layer(variant, backend_n
 
 
 def test_prefill_logits_match_transformers(variant):
-    name, model, ref = variant
+    name, model, ref, bound = variant
     inputs = case_inputs(ref, "single")
     cache = model.new_cache(batch_size=1, max_len=inputs["input_ids"].shape[1])
     logits = model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
                    attention_mask=inputs["attention_mask"], cache=cache)
     assert logits.shape == ref["single/logits"].shape
-    assert rel_err(logits, ref["single/logits"]) <= LOGITS_TOL
+    assert rel_err(logits, ref["single/logits"]) <= bound
 
 
 def test_left_padded_batch_matches_transformers_on_real_tokens(variant):
-    name, model, ref = variant
+    name, model, ref, bound = variant
     inputs = case_inputs(ref, "batch")
     assert (inputs["attention_mask"] == 0).any(), "the batch case must contain padding"
-    logits = model(inputs["input_ids"], inputs["pixel_values"], token_type_ids=inputs["token_type_ids"],
-                   attention_mask=inputs["attention_mask"])
     real = inputs["attention_mask"].astype(bool)
-    assert rel_err(logits[real], ref["batch/logits"][real]) <= LOGITS_TOL
+    assert rel_err(prefill(model, inputs)[real], ref["batch/logits"][real]) <= bound
 
 
 def test_suffix_decoded_through_kv_cache_matches_one_pass(variant):
     """Prefill the prefix into the cache, then feed the suffix one token at a time: each step's
     logits must equal transformers' logits at that position of the whole sequence in one pass."""
-    name, model, ref = variant
+    name, model, ref, bound = variant
     inputs = case_inputs(ref, "suffix")
     ids, types = inputs["input_ids"], inputs["token_type_ids"]
     n_prefix = int((types[0] == 0).sum())
@@ -92,17 +97,19 @@ def test_suffix_decoded_through_kv_cache_matches_one_pass(variant):
         steps.append(model(ids[:, t:t + 1], cache=cache))
     logits = np.concatenate(steps, axis=1)
     assert cache.length == ids.shape[1]
-    assert rel_err(logits, ref["suffix/logits"]) <= LOGITS_TOL
+    assert rel_err(logits, ref["suffix/logits"]) <= bound
     # and the suffix in one cached call (several tokens at once) agrees too
     cache = model.new_cache(batch_size=1, max_len=ids.shape[1])
     model(ids[:, :n_prefix], inputs["pixel_values"], token_type_ids=types[:, :n_prefix], cache=cache)
     chunk = model(ids[:, n_prefix:], cache=cache)
-    assert rel_err(chunk, ref["suffix/logits"][:, n_prefix:]) <= LOGITS_TOL
+    assert rel_err(chunk, ref["suffix/logits"][:, n_prefix:]) <= bound
 
 
 @pytest.mark.parametrize("case", ["single", "batch"])
-def test_greedy_tokens_match_transformers_generate(variant, case):
-    name, model, ref = variant
+def test_greedy_tokens_match_transformers_generate(variant, case, backend_name):
+    name, model, ref, bound = variant
+    if backend_name == "cuda" and case == "batch":
+        pytest.skip("cuda's greedy tokens are held to transformers' on the single case only, until measured on a GPU")
     inputs = case_inputs(ref, case)
     # a tie between the two best logits would make the comparison meaningless: the tool's seeds avoid it
     assert ref[f"{case}/greedy_margin"].min() > 1e-3
@@ -149,4 +156,4 @@ def test_eps_values_and_head_dim_of_the_config_matter_in_the_mha_eps_checkpoint(
                                      text=dataclasses.replace(t, **text))
         logits = PaliGemma(config, model.weights)(inputs["input_ids"], inputs["pixel_values"],
                                                   token_type_ids=inputs["token_type_ids"])
-        assert rel_err(logits, ref["single/logits"]) > 50 * LOGITS_TOL, f"{vision or text} changed nothing"
+        assert rel_err(logits, ref["single/logits"]) > 50 * parity_bound("numpy"), f"{vision or text} changed nothing"

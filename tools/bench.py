@@ -31,11 +31,13 @@ if "--threads" in sys.argv:
 
 import numpy as np  # noqa: E402
 
-from refpg import backend, cuda  # noqa: E402
+from refpg import backend  # noqa: E402
 from refpg.backend import Selection  # noqa: E402
+from refpg.backends import cuda  # noqa: E402
+from refpg.backends.cpp import _C  # noqa: E402
 from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
 from refpg.model import PaliGemma  # noqa: E402
-from refpg.ops import f32_to_bf16  # noqa: E402
+from refpg.formats import Format, Matrix, encode, to_float32  # noqa: E402
 from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, VisionWeights, Weights  # noqa: E402
 
 PROMPT_TOKENS = 10
@@ -74,7 +76,7 @@ def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> Weights:
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
 
     def lin(o, i, bias=True):
-        return Linear(rand(o, i, scale=i ** -0.5), rand(o, scale=0.02) if bias else None)
+        return Linear(Matrix(rand(o, i, scale=i ** -0.5)), rand(o, scale=0.02) if bias else None)
 
     v, t = cfg.vision, cfg.text
     D, F = v.hidden_size, v.intermediate_size
@@ -93,7 +95,7 @@ def random_weights(cfg: PaliGemmaConfig, seed: int = 0) -> Weights:
                         lin(H, t.intermediate_size, False),
                         Norm(rand(H, scale=0.1)) if sandwich else None, Norm(rand(H, scale=0.1)) if sandwich else None)
               for _ in range(t.num_hidden_layers)]
-    embed = rand(t.vocab_size, H, scale=0.02)
+    embed = Matrix(rand(t.vocab_size, H, scale=0.02))
     return Weights(vision=vision, projector=lin(H, D),
                    text=TextWeights(embed_tokens=embed, layers=layers, norm=Norm(rand(H, scale=0.1)), lm_head=embed))
 
@@ -102,14 +104,14 @@ def to_bf16(w: Weights) -> Weights:
     """The same weights with every matrix as bf16 bits (what a published BF16 checkpoint gives)."""
     def conv(obj):
         if isinstance(obj, Linear):
-            return Linear(f32_to_bf16(obj.weight), obj.bias)
+            return Linear(encode(to_float32(obj.weight), Format.BF16), obj.bias)
         if isinstance(obj, list):
             return [conv(o) for o in obj]
         if dataclasses.is_dataclass(obj) and not isinstance(obj, Norm):
             return type(obj)(**{f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
         return obj
     out = conv(w)
-    embed = f32_to_bf16(w.text.embed_tokens)
+    embed = encode(to_float32(w.text.embed_tokens), Format.BF16)
     out.text.embed_tokens = out.text.lm_head = embed
     return out
 
@@ -131,15 +133,15 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
     w = np.full((nbytes // 4 // 4096, 4096), 0.5, np.float32)
     x = np.ones((4096, 1), np.float32)
     bw = max(w.nbytes / best_of(lambda: w @ x, 3), 0.0)
-    if backend._C is not None and hasattr(backend._C, "linear"):
+    if _C is not None and hasattr(_C, "linear"):
         w16 = np.full((nbytes // 2 // 4096, 4096), 0x3f00, np.uint16)  # written: np.zeros pages would all map to one
-        bw = max(bw, w16.nbytes / best_of(lambda: backend._C.linear(x.T.copy(), w16), 3))
+        bw = max(bw, w16.nbytes / best_of(lambda: _C.linear(x.T.copy(), w16), 3))
     return bw
 
 
 def device_bandwidth(nbytes: int = 2 << 30) -> float:
     """Bytes/s of GPU memory traffic in a device-to-device copy (each byte read once, written once)."""
-    src = cuda.zeros((nbytes // 4,))
+    src = cuda.BACKEND.zeros((nbytes // 4,))
     src.copy()
     cuda.synchronize()
 
@@ -164,9 +166,12 @@ def prefill_flops(w: Weights, cfg: PaliGemmaConfig) -> float:
                 yield from matrices(getattr(obj, f.name))
 
     n_img, n_txt = cfg.num_image_tokens, cfg.num_image_tokens + PROMPT_TOKENS
-    vision = sum(m.size for m in matrices(w.vision)) + w.projector.weight.size
-    text = sum(m.size for m in matrices(w.text.layers))
-    return 2.0 * (vision * n_img + text * n_txt + w.text.lm_head.size)
+    def size(m: Matrix) -> int:
+        return int(np.prod(m.shape))
+
+    vision = sum(size(m) for m in matrices(w.vision)) + size(w.projector.weight)
+    text = sum(size(m) for m in matrices(w.text.layers))
+    return 2.0 * (vision * n_img + text * n_txt + size(w.text.lm_head))
 
 
 def best_of(fn, repeat: int) -> float:
@@ -227,7 +232,7 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
     sd = {}
     vt, lm = "model.vision_tower.", "model.language_model."
     pe = weights.vision.patch_embedding
-    sd[vt + "embeddings.patch_embedding.weight"] = pe.weight.reshape(v.hidden_size, 3, v.patch_size, v.patch_size)
+    sd[vt + "embeddings.patch_embedding.weight"] = to_float32(pe.weight).reshape(v.hidden_size, 3, v.patch_size, v.patch_size)
     sd[vt + "embeddings.patch_embedding.bias"] = pe.bias
     sd[vt + "embeddings.position_embedding.weight"] = weights.vision.position_embedding
     for i, L in enumerate(weights.vision.layers):
@@ -235,13 +240,13 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
         for name in ("layer_norm1", "layer_norm2"):
             sd[p + name + ".weight"], sd[p + name + ".bias"] = getattr(L, name).weight, getattr(L, name).bias
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = getattr(L, name).weight, getattr(L, name).bias
+            sd[p + f"self_attn.{name}.weight"], sd[p + f"self_attn.{name}.bias"] = to_float32(getattr(L, name).weight), getattr(L, name).bias
         for name in ("fc1", "fc2"):
-            sd[p + f"mlp.{name}.weight"], sd[p + f"mlp.{name}.bias"] = getattr(L, name).weight, getattr(L, name).bias
+            sd[p + f"mlp.{name}.weight"], sd[p + f"mlp.{name}.bias"] = to_float32(getattr(L, name).weight), getattr(L, name).bias
     sd[vt + "post_layernorm.weight"], sd[vt + "post_layernorm.bias"] = weights.vision.post_layernorm.weight, weights.vision.post_layernorm.bias
-    sd["model.multi_modal_projector.linear.weight"] = weights.projector.weight
+    sd["model.multi_modal_projector.linear.weight"] = to_float32(weights.projector.weight)
     sd["model.multi_modal_projector.linear.bias"] = weights.projector.bias
-    sd[lm + "embed_tokens.weight"] = weights.text.embed_tokens
+    sd[lm + "embed_tokens.weight"] = to_float32(weights.text.embed_tokens)
     sd[lm + "norm.weight"] = weights.text.norm.weight
     for i, L in enumerate(weights.text.layers):
         p = f"{lm}layers.{i}."
@@ -251,9 +256,9 @@ def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, 
             sd[p + "pre_feedforward_layernorm.weight"] = L.pre_feedforward_layernorm.weight
             sd[p + "post_feedforward_layernorm.weight"] = L.post_feedforward_layernorm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            sd[p + f"self_attn.{name}.weight"] = getattr(L, name).weight
+            sd[p + f"self_attn.{name}.weight"] = to_float32(getattr(L, name).weight)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            sd[p + f"mlp.{name}.weight"] = getattr(L, name).weight
+            sd[p + f"mlp.{name}.weight"] = to_float32(getattr(L, name).weight)
     tdtype = getattr(torch, dtype)
     missing, unexpected = model.load_state_dict(
         {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in sd.items()}, strict=False)
@@ -285,8 +290,8 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
     rng = np.random.default_rng(2)
     x266 = rng.standard_normal((266, 2048), dtype=np.float32)
     x1 = x266[:1].copy()
-    w_up = rng.standard_normal((16384, 2048), dtype=np.float32) * np.float32(0.02)
-    w_up16 = f32_to_bf16(w_up)
+    w_up = Matrix(rng.standard_normal((16384, 2048), dtype=np.float32) * np.float32(0.02))
+    w_up16 = encode(w_up.data, Format.BF16)
     q = rng.standard_normal((1, 266, 8, 256), dtype=np.float32)
     kv = rng.standard_normal((1, 266, 1, 256), dtype=np.float32)
     mask = np.ones((1, 266, 266), bool)
@@ -309,7 +314,8 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
             if be in backend.OPS[op] and be not in backend.UNAVAILABLE:
                 fn = backend.OPS[op][be]
                 if be == "cuda":  # inputs already on the GPU; time until the kernels finish
-                    dev_args = [cuda.as_device(a) if isinstance(a, np.ndarray) else a for a in args]
+                    dev_args = [cuda.as_device(a) if isinstance(a, np.ndarray) else
+                                Matrix(cuda.as_device(a.data), a.format) if isinstance(a, Matrix) else a for a in args]
 
                     def run(fn=fn, dev_args=dev_args):
                         fn(*dev_args)
@@ -341,7 +347,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     print(f"{os.cpu_count()} CPUs, threads per library: {args.threads or 'default'}; numpy {np.__version__}; refpg._C: "
-          f"{'threads ' + str(backend._C.num_threads()) + ', linear on ' + backend._C.simd_path() if backend._C else 'not built'}")
+          f"{'threads ' + str(_C.num_threads()) + ', linear on ' + _C.simd_path() if _C else 'not built'}")
     if not args.skip_ops:
         print("\nper op (one layer's shapes), best of", args.repeat)
         print(f"{'':44s} {'numpy':>10s} {'cpp':>10s} {'speedup':>8s} {'cuda':>10s} {'speedup':>8s}")
@@ -363,7 +369,7 @@ def main(argv=None) -> None:
         runs["refpg cpp bf16"] = time_refpg(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
     have_cuda = "cuda" not in backend.UNAVAILABLE
     if have_cuda:
-        info = backend._C.cuda.device_info()
+        info = _C.cuda.device_info()
         print(f"GPU: {info['name']}, {info['sm_count']} SMs, {info['total_bytes'] / 2**30:.0f} GiB")
         gpu_model = PaliGemma(cfg, cuda.upload_weights(w16), Selection.from_spec("cuda"))
         runs["refpg cuda bf16"] = time_refpg(gpu_model, cfg, args.repeat, args.decode_steps)

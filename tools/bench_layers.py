@@ -19,6 +19,7 @@ import numpy as np
 from bench import best_of
 from refpg import gemma, vision
 from refpg.config import TextConfig, VisionConfig
+from refpg.formats import Matrix, to_float32
 from refpg.weights import Linear, Norm, TextLayer, VisionLayer
 
 VISION_3B = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -34,14 +35,14 @@ def rand(rng, *shape, scale=1.0):
 
 def vision_layer_weights(rng, c: VisionConfig) -> VisionLayer:
     D, F = c.hidden_size, c.intermediate_size
-    lin = lambda o, i: Linear(rand(rng, o, i, scale=i ** -0.5), rand(rng, o, scale=0.1))  # noqa: E731
+    lin = lambda o, i: Linear(Matrix(rand(rng, o, i, scale=i ** -0.5)), rand(rng, o, scale=0.1))  # noqa: E731
     norm = lambda: Norm(1 + rand(rng, D, scale=0.1), rand(rng, D, scale=0.1))  # noqa: E731
     return VisionLayer(norm(), lin(D, D), lin(D, D), lin(D, D), lin(D, D), norm(), lin(F, D), lin(D, F))
 
 
 def text_layer_weights(rng, c: TextConfig) -> TextLayer:
     H, F, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    lin = lambda o, i: Linear(rand(rng, o, i, scale=i ** -0.5))  # noqa: E731
+    lin = lambda o, i: Linear(Matrix(rand(rng, o, i, scale=i ** -0.5)))  # noqa: E731
     norm = lambda: Norm(rand(rng, H, scale=0.1))  # noqa: E731
     return TextLayer(norm(), lin(c.num_attention_heads * hd, H), lin(c.num_key_value_heads * hd, H),
                      lin(c.num_key_value_heads * hd, H), lin(H, c.num_attention_heads * hd), norm(),
@@ -60,10 +61,10 @@ def torch_vision_layer(w: VisionLayer, c: VisionConfig):
     sd = {"layer_norm1.weight": w.layer_norm1.weight, "layer_norm1.bias": w.layer_norm1.bias,
           "layer_norm2.weight": w.layer_norm2.weight, "layer_norm2.bias": w.layer_norm2.bias}
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        sd[f"self_attn.{name}.weight"] = getattr(w, name).weight
+        sd[f"self_attn.{name}.weight"] = to_float32(getattr(w, name).weight)
         sd[f"self_attn.{name}.bias"] = getattr(w, name).bias
     for name in ("fc1", "fc2"):
-        sd[f"mlp.{name}.weight"] = getattr(w, name).weight
+        sd[f"mlp.{name}.weight"] = to_float32(getattr(w, name).weight)
         sd[f"mlp.{name}.bias"] = getattr(w, name).bias
     layer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
     return layer
@@ -82,9 +83,9 @@ def torch_text_layer(w: TextLayer, c: TextConfig):
     sd = {"input_layernorm.weight": w.input_layernorm.weight,
           "post_attention_layernorm.weight": w.post_attention_layernorm.weight}
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        sd[f"self_attn.{name}.weight"] = getattr(w, name).weight
+        sd[f"self_attn.{name}.weight"] = to_float32(getattr(w, name).weight)
     for name in ("gate_proj", "up_proj", "down_proj"):
-        sd[f"mlp.{name}.weight"] = getattr(w, name).weight
+        sd[f"mlp.{name}.weight"] = to_float32(getattr(w, name).weight)
     layer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
     return layer, GemmaRotaryEmbedding(cfg)
 

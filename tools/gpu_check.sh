@@ -44,7 +44,8 @@ python3 - <<'PY' 2>&1 | tee "$OUT/diagnostics.txt"
 import sys
 
 import refpg
-from refpg import _C, cuda
+from refpg import _C
+from refpg.backends import cuda
 
 print("refpg imported from", refpg.__file__)
 print("cuda compiled:", _C.cuda.compiled, "| unavailable:", cuda.unavailable_reason())
