@@ -165,10 +165,6 @@ def softcap(x, cap):
     return _new(ops.softcap(_f32(x), cap))
 
 
-def softmax(x):
-    return _new(ops.softmax(_f32(x)))
-
-
 def add(a, b):
     x, y = _f32(a, "a"), _f32(b, "b")
     assert x.shape[x.ndim - y.ndim:] == y.shape, (x.shape, y.shape)
