@@ -236,10 +236,6 @@ def softcap(x, cap):
     return x if cap is None else DeviceArray(_C.cuda.softcap(_t(x), cap))
 
 
-def softmax(x):
-    return DeviceArray(_C.cuda.softmax(_t(x)))
-
-
 def rope(x, cos, sin):
     return DeviceArray(_C.cuda.rope(_t(x), _t(cos), _t(sin)))
 
