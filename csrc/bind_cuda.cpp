@@ -111,12 +111,10 @@ struct Dev {
   }
 };
 
-}  // namespace
-
-void bind_cuda(py::module_& c) {
+// The device: its errors as Python exceptions, what it is, and waiting for it.
+void bind_device(py::module_& c) {
   py::register_exception<cuda::Error>(c, "CudaError", PyExc_RuntimeError);
   py::register_exception<cuda::OutOfMemory>(c, "OutOfMemory", PyExc_MemoryError);
-  c.attr("compiled") = true;
   c.def("device_count", [] { return cuda::device_count(nullptr); }, "usable CUDA devices (0 when none)");
   c.def("unavailable_reason", [] {
     std::string why;
@@ -133,6 +131,10 @@ void bind_cuda(py::module_& c) {
     return d;
   });
   c.def("synchronize", &cuda::synchronize, "wait for every queued kernel; raises the first asynchronous error");
+}
+
+// Device tensors: the Tensor class, allocation, transfers and copies.
+void bind_tensors(py::module_& c) {
 
   py::class_<DeviceTensor>(c, "Tensor", "A strided view of GPU memory (refpg.cuda.DeviceArray wraps it).")
       .def_property_readonly("shape", [](const DeviceTensor& t) { return py::tuple(py::cast(t.shape)); })
@@ -203,7 +205,10 @@ void bind_cuda(py::module_& c) {
     cuda::scatter_rows(dst.as<float>(), rows.as<int64_t>(), src.as<float>(), n, W);
   }, py::arg("dst"), py::arg("rows"), py::arg("src"), "dst[rows[i]] = src[i]; rows a host int64 array");
 
-  // ---- the ops, twins of refpg.ops (the Python side, refpg/cuda.py, handles numpy inputs) -----------
+}
+
+// The ops, twins of refpg.ops (the Python side, refpg/cuda.py, handles numpy inputs).
+void bind_ops(py::module_& c) {
   c.def("linear", [](const py::object& x_arg, const py::object& w_arg, const py::object& b_arg) {
     const std::string op = "linear";
     const DeviceTensor& x = Dev::tensor(op, "x", x_arg);
@@ -340,5 +345,13 @@ void bind_cuda(py::module_& c) {
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"), py::arg("logit_softcap") = py::none());
 }
 
+}  // namespace
+
+void bind_cuda(py::module_& c) {
+  c.attr("compiled") = true;
+  bind_device(c);
+  bind_tensors(c);
+  bind_ops(c);
+}
 
 }  // namespace refpg
