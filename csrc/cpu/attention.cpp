@@ -108,8 +108,8 @@ REFPG_TARGET_AVX2 void scores_avx2(const Tile& tile, int64_t k_s, int64_t S, int
 // out[i][d0 : d0 + 8W] += Σ_{s0 <= s < s1} p[i][s] · v[s][d0 : d0 + 8W] for the M rows of the
 // tile (from zero when s0 == 0), prefetching the same slice of the next chunk's value rows.
 template <int M, int W>
-REFPG_TARGET_AVX2 inline void weighted_slice(const Tile& tile, const float* p, int64_t v_s, int64_t S, int64_t s0, int64_t s1,
-                                      int64_t d0) {
+REFPG_TARGET_AVX2 inline void weighted_slice(const Tile& tile, const float* p, int64_t v_s, int64_t S, int64_t s0,
+                                             int64_t s1, int64_t d0) {
   __m256 acc[M][W];
   for (int i = 0; i < M; ++i)
     for (int w = 0; w < W; ++w) acc[i][w] = s0 ? _mm256_loadu_ps(tile.out[i] + d0 + 8 * w) : _mm256_setzero_ps();

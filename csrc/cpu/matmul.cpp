@@ -144,7 +144,7 @@ struct Avx2 {
   }
 
   REFPG_TARGET_AVX2 static void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                              const float* bias, bool accumulate) {
+                                     const float* bias, bool accumulate) {
     __m256 acc[MR][2];
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
@@ -176,7 +176,7 @@ struct Avx2 {
 
   template <int R, int C, class Wt>
   REFPG_TARGET_AVX2 static void dots(const float* x, int64_t ldx, const Wt* w, int64_t ldw, int64_t kc, const Wt* ahead,
-                              float* out) {
+                                     float* out) {
     __m256 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -209,7 +209,7 @@ struct Avx512 {
   }
 
   REFPG_TARGET_AVX512 static void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                                const float* bias, bool accumulate) {
+                                       const float* bias, bool accumulate) {
     __m512 acc[MR][2];
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -236,7 +236,7 @@ struct Avx512 {
 
   template <int R, int C, class Wt>
   REFPG_TARGET_AVX512 static void dots(const float* x, int64_t ldx, const Wt* w, int64_t ldw, int64_t kc,
-                                const Wt* ahead, float* out) {
+                                       const Wt* ahead, float* out) {
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();

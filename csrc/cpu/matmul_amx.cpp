@@ -150,8 +150,8 @@ REFPG_TARGET_AVX512BF16 bool pack_x_block(const LinearArgs& p, int64_t mb, int64
 // of bytes apart, would all fall in the same few L1 sets. False when some W is not finite (or, for
 // float32 W, beyond the bf16 range).
 template <class Wt>
-REFPG_TARGET_AVX512BF16 bool pack_w_row(const LinearArgs& p, const Wt* w, int64_t n0, int64_t r, int64_t k0, int64_t steps,
-                                 uint16_t* dst) {
+REFPG_TARGET_AVX512BF16 bool pack_w_row(const LinearArgs& p, const Wt* w, int64_t n0, int64_t r, int64_t k0,
+                                        int64_t steps, uint16_t* dst) {
   constexpr int64_t kParts = std::is_same_v<Wt, uint16_t> ? 1 : 2;
   const bool real = n0 + r < p.N;
   const Wt* src = w + (real ? n0 + r : 0) * p.K;
@@ -183,7 +183,7 @@ REFPG_TARGET_AVX512BF16 bool pack_w_row(const LinearArgs& p, const Wt* w, int64_
 // c: the 4 C tiles [tile][16 W rows][16 x rows], loaded first unless `zero`, stored after.
 template <int MB, bool kLo>
 REFPG_TARGET_AMX void block_kernel(const uint16_t* w, const uint16_t* x0, const uint16_t* x1, int64_t steps, float* c,
-                            bool zero) {
+                                   bool zero) {
   constexpr int64_t kC = kTile * kTile, kWStep = (kLo ? 2 : 1) * 2 * kTileElems;
   // GCC's tile load/store intrinsics declare no memory access: fence them against the packing
   // stores before and the reads of c after, should this function ever be inlined.
