@@ -10,6 +10,7 @@ transformers versions, and each session works on its own copy.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import shutil
@@ -142,6 +143,21 @@ def case_inputs(ref: dict, case: str) -> dict[str, np.ndarray]:
 # directory first on sys.path, and the repository root holds refpg/ without the compiled module.
 NEUTRAL_DIR = tempfile.mkdtemp(prefix="refpg-tests-cwd-")
 atexit.register(shutil.rmtree, NEUTRAL_DIR, True)
+
+
+@contextlib.contextmanager
+def simd_path(path: str):
+    """The block runs the cpp kernels on `path` (amx, avx512, avx2, scalar or auto), then the path that
+    was current comes back. The path is process-wide: REFPG_SIMD is read once, at first use, so a
+    test switches it with refpg._C.set_simd_path, never through the environment."""
+    from refpg import _C
+
+    before = _C.simd_path()
+    _C.set_simd_path(path)
+    try:
+        yield
+    finally:
+        _C.set_simd_path(before)
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """A stand-in for refpg._C.cuda that keeps "device" memory in NumPy, for machines without a GPU.
 
 It mirrors the C++ side's contract — `Tensor` views (element offset, shape, strides) checked
-against their storage, the same argument checks as csrc/bindings.cpp (dtypes, shapes,
+against their storage, the same argument checks as csrc/bind_cuda.cpp (dtypes, shapes,
 contiguity), fresh outputs — and computes each op with refpg.ops. The CUDA kernels themselves are
 not exercised: what this tests is everything around them — DeviceArray views and arithmetic, the
 weights uploaded once, the KV cache on the device, per-pass constants, the mixed-selection copies —
@@ -135,7 +135,7 @@ def scatter_rows(dst, rows, src):
     d, s = _f32(dst, "dst"), _f32(src, "src")
     assert d.ndim == 2 and s.ndim == 2 and d.shape[1] == s.shape[1] and len(rows) == len(s)
     assert dst.storage is not src.storage
-    transfers["upload"] += 1  # the row indices go up, as in csrc/bindings.cpp
+    transfers["upload"] += 1  # the row indices go up, as in csrc/bind_cuda.cpp
     d[np.asarray(rows)] = s
 
 
@@ -170,10 +170,6 @@ def geglu(g, u):
 
 def softcap(x, cap):
     return _new(ops.softcap(_f32(x), cap))
-
-
-def softmax(x):
-    return _new(ops.softmax(_f32(x)))
 
 
 def add(a, b):

@@ -8,12 +8,13 @@ with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import zlib
 
 import numpy as np
 import pytest
-from conftest import require_cuda_or_skip
+from conftest import require_cuda_or_skip, run_python, simd_path
 
 from refpg import backend
 from refpg.gemma import prefix_lm_mask
@@ -170,7 +171,8 @@ def backend_param(be):
 
 
 def simd_paths_here() -> dict[str, str | None]:
-    """Each instruction set cpp can be forced to (REFPG_SIMD) -> None, or why this CPU cannot run it."""
+    """Each instruction set cpp can be forced to (set_simd_path, REFPG_SIMD) -> None, or why this CPU
+    cannot run it."""
     if "cpp" in backend.UNAVAILABLE:
         return {path: "cpp not built" for path in SIMD_PATHS}
     from refpg import _C
@@ -190,19 +192,20 @@ BACKEND_PATHS = [backend_param(b) for b in OTHER_BACKENDS] + [
 
 @pytest.mark.parametrize("be", BACKEND_PATHS)
 @pytest.mark.parametrize("op,case,build", CASES, ids=[f"{op}-{case}" for op, case, _ in CASES])
-def test_op_matches_numpy_reference(be, op, case, build, monkeypatch):
+def test_op_matches_numpy_reference(be, op, case, build):
     if be == "cuda":
         require_cuda_or_skip()
+    path = None
     if be.startswith("cpp-"):
-        monkeypatch.setenv("REFPG_SIMD", be[len("cpp-"):])
-        be = "cpp"
+        be, path = "cpp", be[len("cpp-"):]
     if be not in backend.OPS[op]:
         pytest.skip(f"{be} has no {op} kernel")
     global rng
     rng = case_rng(op, case)
     args = build()
     ref = backend.OPS[op]["numpy"](*args)
-    out = np.asarray(backend.OPS[op][be](*args))  # cuda: the result comes back from the GPU
+    with simd_path(path) if path else contextlib.nullcontext():
+        out = np.asarray(backend.OPS[op][be](*args))  # cuda: the result comes back from the GPU
     assert out.shape == ref.shape and out.dtype == np.float32
     assert (np.isfinite(out) == np.isfinite(ref)).all(), "NaN/Inf where the reference has none (or the reverse)"
     err, tol = backend.nmse(out, ref), backend.tolerance(op, be)
@@ -230,18 +233,18 @@ def test_linear_writes_only_inside_out():
 
 @needs_cpp
 @pytest.mark.parametrize("M", [7, 40])  # the GEMV and the GEMM
-def test_linear_writes_only_inside_out_on_every_path(M, monkeypatch):
+def test_linear_writes_only_inside_out_on_every_path(M):
     """Guard bands on each instruction set: `out` a view into a larger buffer, rows 36 floats apart."""
     from refpg import _C
 
     for path, why in simd_paths_here().items():
         if why:
             continue
-        monkeypatch.setenv("REFPG_SIMD", path)
         x, w, b = randn(M, 300), f32_to_bf16(randn(37, 300)), randn(37)
         buf = np.full((M + 4, 37 + 6), 12345.0, F32)
         out = buf[2:M + 2, 3:40]
-        _C.linear(x, w, b, out=out)
+        with simd_path(path):
+            _C.linear(x, w, b, out=out)
         inside = np.zeros(buf.shape, bool)
         inside[2:M + 2, 3:40] = True
         assert (buf[~inside] == 12345.0).all(), path
@@ -250,7 +253,7 @@ def test_linear_writes_only_inside_out_on_every_path(M, monkeypatch):
 
 @needs_cpp
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32-weights", "bf16-weights"])
-def test_linear_gemm_is_float32_accurate_on_every_path(bf16, monkeypatch):
+def test_linear_gemm_is_float32_accurate_on_every_path(bf16):
     """The op table's bound (5e-7) leaves room for bf16 rounding; this holds each path to float32-
     grade accuracy against float64: NMSE <= 1e-10. AMX splits every float32 operand into two bf16
     parts (measured ~3e-12 with bf16 weights, ~1e-11 with float32 ones); FMA paths give ~1e-13."""
@@ -264,15 +267,15 @@ def test_linear_gemm_is_float32_accurate_on_every_path(bf16, monkeypatch):
     for path, why in simd_paths_here().items():
         if why:
             continue
-        monkeypatch.setenv("REFPG_SIMD", path)
-        err = backend.nmse(_C.linear(x, w), exact)
+        with simd_path(path):
+            err = backend.nmse(_C.linear(x, w), exact)
         assert err <= 1e-10, f"{path}: NMSE {err:.1e}"
 
 
 @needs_cpp
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32-weights", "bf16-weights"])
 @pytest.mark.parametrize("M", [3, 40])
-def test_linear_propagates_inf_and_nan_like_numpy(M, bf16, monkeypatch):
+def test_linear_propagates_inf_and_nan_like_numpy(M, bf16):
     """inf, NaN (and values beyond bf16's range) in x or W come out as float32 makes them on every
     path — AMX hands such calls to its float32 FMA fallback."""
     from refpg import _C
@@ -291,11 +294,11 @@ def test_linear_propagates_inf_and_nan_like_numpy(M, bf16, monkeypatch):
     for path, why in simd_paths_here().items():
         if why:
             continue
-        monkeypatch.setenv("REFPG_SIMD", path)
         for what, xs, ws in cases:
             wk = f32_to_bf16(ws) if bf16 else ws
             ref = xs @ (bf16_to_f32(wk) if bf16 else wk).T
-            out = _C.linear(xs, wk)
+            with simd_path(path):
+                out = _C.linear(xs, wk)
             np.testing.assert_array_equal(np.isnan(out), np.isnan(ref), err_msg=f"{path}, {what}: NaN pattern")
             np.testing.assert_array_equal(np.isinf(out), np.isinf(ref), err_msg=f"{path}, {what}: inf pattern")
             finite = np.isfinite(ref)
@@ -334,20 +337,57 @@ def test_bad_calls_raise_value_errors_before_touching_memory(call, message):
 
 
 @needs_cpp
-@pytest.mark.parametrize("value", ["sse9", "AVX2", "amx", "avx512"])
-def test_a_bad_or_unavailable_refpg_simd_is_a_value_error_naming_the_op(value, monkeypatch):
+@pytest.mark.parametrize("value", ["sse9", "AVX2", "", "amx", "avx512"])
+def test_a_bad_or_unavailable_simd_path_is_a_value_error_that_changes_nothing(value):
     from refpg import _C
 
     if simd_paths_here().get(value, "") is None:
         pytest.skip(f"this CPU has {value}")
-    monkeypatch.setenv("REFPG_SIMD", value)
-    for op, call in [("linear", lambda: _C.linear(randn(3, 4), randn(5, 4))),
-                     ("rms_norm", lambda: _C.rms_norm(randn(3, 4), randn(4), 1e-6)),
-                     ("softmax", lambda: _C.softmax(randn(3, 4)))]:
-        with pytest.raises(ValueError, match=f"{op}: REFPG_SIMD"):
-            call()
-    with pytest.raises(ValueError, match="^REFPG_SIMD"):  # simd_path itself: the variable's own message
-        _C.simd_path()
+    before = _C.simd_path()
+    with pytest.raises(ValueError, match="^set_simd_path: name"):
+        _C.set_simd_path(value)
+    assert _C.simd_path() == before
+
+
+@needs_cpp
+def test_refpg_simd_is_read_once(monkeypatch):
+    """The variable chooses the path at the first use; a later change to it reaches no kernel."""
+    from refpg import _C
+
+    before = _C.simd_path()
+    monkeypatch.setenv("REFPG_SIMD", "sse9")
+    assert _C.simd_path() == before
+    x, w = randn(3, 4), randn(5, 4)
+    assert backend.nmse(_C.linear(x, w), x @ w.T) < 1e-10
+
+
+@needs_cpp
+def test_a_bad_refpg_simd_fails_every_op_naming_it_until_a_path_is_set():
+    """In a process started with a bad REFPG_SIMD (refpg's import reports it as a BackendError; see
+    test_bad_input.py), a kernel called directly raises ValueError naming the op and the variable,
+    simd_path the variable's own message, until set_simd_path chooses a path."""
+    script = """if True:
+        import numpy as np
+        from refpg import _C
+        x, w = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
+        for call in (_C.simd_path, lambda: _C.linear(x, w), lambda: _C.rms_norm(x, w[0], 1e-6),
+                     lambda: _C.gelu_tanh(x), lambda: _C.embedding(w, np.zeros(2, np.int64))):
+            try:
+                call()
+                print("ran")
+            except ValueError as e:
+                print(e)
+        _C.set_simd_path("scalar")
+        print(_C.simd_path(), _C.linear(x, w)[0, 0])
+    """
+    proc = run_python(["-c", script], env={"REFPG_SIMD": "sse9"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 6, proc.stdout
+    assert lines[0].startswith("REFPG_SIMD must be amx, avx512, avx2, scalar or auto, got 'sse9'")
+    for line, op in zip(lines[1:5], ["linear", "rms_norm", "gelu_tanh", "embedding"]):
+        assert line.startswith(f"{op}: REFPG_SIMD must be"), line
+    assert lines[5] == "scalar 4.0"
 
 
 @needs_cpp

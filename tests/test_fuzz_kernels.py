@@ -3,8 +3,8 @@
 Each call starts from valid random arguments and is left valid ("good", "empty": a zero-sized
 dimension) or mutated in one way: a wrong dtype, rank or shape, a non-contiguous, reversed,
 broadcast (zero-stride) or misaligned array, something that is not an array, a NaN / inf / huge /
-non-numeric scalar (eps, scale, cap, axis, n), out-of-range ids, a read-only or overlapping
-output, or a bad REFPG_SIMD. The kernels run on an instruction set drawn per call.
+non-numeric scalar (eps, scale, cap, n), out-of-range ids, a read-only or overlapping output, or
+a name set_simd_path must refuse. The kernels run on an instruction set drawn per call.
 
 What every call must do: raise ValueError or TypeError whose message names the op and the
 argument (for a wrong rank or shape, one of the op's arrays; it may be the one it is checked
@@ -38,7 +38,7 @@ CALLS_PER_OP = 48
 F32 = np.float32
 
 CATEGORIES = ("good", "empty", "dtype", "rank", "shape", "noncontiguous", "reversed", "zero-stride",
-              "misaligned", "non-array", "scalar", "ids", "read-only", "overlap", "env")
+              "misaligned", "non-array", "scalar", "ids", "read-only", "overlap", "simd")
 ANY_ARRAY_NAMED = ("rank", "shape")  # the error may name the array the changed one is checked against
 
 
@@ -144,9 +144,7 @@ SPECS = {
         build=embedding_build, arrays={"table": ("float32", "uint16"), "ids": ("int64",)}, scalars=(),
         twin=lambda a: ops.embedding(as_matrix(a["table"]), a["ids"])),
 }
-SPECS["rope_"] = dict(SPECS["rope"], inplace="x")  # rope in place: rotates x and returns it
 OP_NAMES = tuple(SPECS) + ("set_num_threads",)
-TWIN_OP = {"rope_": "rope"}
 
 
 # ---- mutations: (category, rng, spec, args) -> (args, target argument) or None (not applicable) ----
@@ -230,23 +228,18 @@ def mutate(category, rng, spec, args):
         ids = args["ids"].copy()
         ids.flat[int(rng.integers(ids.size))] = [-1, args["table"].shape[0], 2 ** 62, -(2 ** 63)][int(rng.integers(4))]
         new["ids"] = ids
-    elif category == "read-only":  # the argument written to: rope_'s x, linear's out
-        name = spec.get("inplace") or "out"
-        new[name] = args["x"].copy() if name == "x" else np.zeros((args["x"].shape[0], args["weight"].shape[0]), F32)
+    elif category == "read-only":  # the argument written to: linear's out
+        name = "out"
+        new[name] = np.zeros((args["x"].shape[0], args["weight"].shape[0]), F32)
         new[name].flags.writeable = False
-    elif category == "overlap":
-        if spec.get("inplace"):  # x [B, T, 1, hd] and cos a view of it
-            name = "x"
-            new["x"] = np.ascontiguousarray(args["x"][:, :, :1])
-            new["cos"] = new["x"][:, :, 0, :]
-        else:  # out is x itself (weight [K, K]) or, with f32 weights, a view of weight
-            name = "out"
-            K = args["x"].shape[1]
-            new["weight"] = randn(rng, K, K)
-            new["bias"] = None
-            new["out"] = new["x"] if rng.random() < 0.5 else new["weight"][:args["x"].shape[0]]
-            if new["out"].shape != (args["x"].shape[0], K):
-                new["out"] = new["x"]
+    elif category == "overlap":  # out is x itself (weight [K, K]) or, with f32 weights, a view of weight
+        name = "out"
+        K = args["x"].shape[1]
+        new["weight"] = randn(rng, K, K)
+        new["bias"] = None
+        new["out"] = new["x"] if rng.random() < 0.5 else new["weight"][:args["x"].shape[0]]
+        if new["out"].shape != (args["x"].shape[0], K):
+            new["out"] = new["x"]
     else:
         raise ValueError(category)
     return new, name
@@ -271,8 +264,17 @@ def snapshot(args):
 def verdict(C, op, category, args, target, path):
     """'error' or 'match' when the call behaved, else a description of what went wrong."""
     spec = SPECS[op]
+    kept = C.simd_path()
+    if category == "simd":  # a name no path has, or a path this CPU lacks: refused, nothing changed
+        try:
+            C.set_simd_path(path)
+            return f"set_simd_path({path!r}) was accepted"
+        except ValueError as e:
+            if not names_op_and_argument(str(e), "set_simd_path", ["name"]):
+                return f"ValueError not naming set_simd_path and name: {e}"
+        return "error" if C.simd_path() == kept else "a refused set_simd_path changed the path"
     before = snapshot(args)
-    os.environ["REFPG_SIMD"] = path
+    C.set_simd_path(path)  # the path is process-wide: the one that was current comes back below
     try:
         result = call_kernel(C, op, args)
     except (ValueError, TypeError) as e:
@@ -285,10 +287,9 @@ def verdict(C, op, category, args, target, path):
     except Exception as e:  # noqa: BLE001 — any other exception is the finding
         return f"raised {type(e).__name__} (not ValueError/TypeError): {e}"
     finally:
-        os.environ.pop("REFPG_SIMD", None)
-    written = {spec.get("inplace"), "out"}
+        C.set_simd_path(kept)
     for n, a in before.items():
-        if n not in written and not np.array_equal(args[n], a, equal_nan=True):
+        if n != "out" and not np.array_equal(args[n], a, equal_nan=True):
             return f"the kernel wrote into its input {n}"
     try:
         with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -296,8 +297,6 @@ def verdict(C, op, category, args, target, path):
             ref = spec["twin"]({n: (before.get(n, v)) for n, v in args.items()})
     except Exception as e:  # noqa: BLE001
         return f"accepted arguments its NumPy twin rejects ({type(e).__name__}: {e})"
-    if spec.get("inplace") and result is not args["x"]:
-        return "rope_ did not return x"
     if op == "linear" and isinstance(args["out"], np.ndarray) and result is not args["out"]:
         return "linear did not return out"
     out, ref = np.asarray(result), np.asarray(ref)
@@ -306,7 +305,7 @@ def verdict(C, op, category, args, target, path):
     if not np.array_equal(np.isnan(out), np.isnan(ref)) or not np.array_equal(np.isinf(out), np.isinf(ref)):
         return "NaN/inf where the twin has none (or the reverse)"
     finite = np.isfinite(ref)
-    err, tol = nmse_floored(out[finite], ref[finite], input_scale(before)), backend.tolerance(TWIN_OP.get(op, op), "cpp")
+    err, tol = nmse_floored(out[finite], ref[finite], input_scale(before)), backend.tolerance(op, "cpp")
     if err > tol:
         return f"NMSE {err:.2e} > {tol:.0e}"
     return "match"
@@ -364,7 +363,7 @@ def categories_of(op):
         skip.add("scalar")
     if op != "embedding":
         skip.add("ids")
-    if op not in ("linear", "rope_"):  # the ops that write into an argument
+    if op != "linear":  # the op that writes into an argument
         skip |= {"read-only", "overlap"}
     return [c for c in CATEGORIES if c not in skip]
 
@@ -409,9 +408,9 @@ def run_batch(seed, calls_per_op, progress=None):
             args = spec["build"](d, rng)
             path = paths[int(rng.integers(len(paths)))]
             target = None
-            if category == "env":
-                path = (missing + ["sse9", "AVX2", ""])[int(rng.integers(len(missing) + 3))] or "avx-512"
-                target = "REFPG_SIMD"
+            if category == "simd":
+                path = (missing + ["sse9", "AVX2", "", "avx-512"])[int(rng.integers(len(missing) + 4))]
+                target = "name"
             elif category not in ("good", "empty"):
                 mutated = mutate(category, rng, spec, args)
                 if mutated is None:

@@ -22,7 +22,7 @@ REFPG_TEST_CHECKPOINT_CACHE).
 C++ mutations only matter on the paths the suite runs on the machine at hand: the path the CPU
 picks (`refpg._C.simd_path()`: for `linear` amx, avx512, avx2 or scalar; every other op runs its
 AVX2 code on any vector path) plus the instruction sets tests/test_backend_ops.py forces with
-REFPG_SIMD (each one the CPU has). Each C++ mutation names the path its code runs on (`all`: code
+refpg._C.set_simd_path (each one the CPU has). Each C++ mutation names the path its code runs on (`all`: code
 every path shares; `scalar`: the portable loops, which the vector paths also use for their tails).
 The catalogue was written on an AMD EPYC with AVX2 and AVX-512 but no AMX, so it has no mutation in
 the AMX GEMM (csrc/cpu/matmul_amx.cpp): none could be caught, or missed, there.
@@ -258,11 +258,12 @@ CATALOGUE = [
       "exp8 drops the low part of the ln 2 split (inexact range reduction)", path="avx2"),
     M("cpp_softmax_no_max_subtraction", "csrc/cpu/activations.cpp",
       "const __m256 vm = set1(max);", "const __m256 vm = set1(max = 0.0f);",
-      "softmax (attention's and the op's) without subtracting the row max", path="avx2"),
+      "attention's softmax without subtracting the row max", path="avx2"),
     M("cpp_softmax_vector_lanes_no_max", "csrc/cpu/activations.cpp",
       "const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));",
       "const __m256 e = exp8(_mm256_loadu_ps(x + i));",
-      "softmax's vector loop forgets the max subtraction (its n % 8 tail keeps it)", path="avx2"),
+      "attention's softmax: the vector loop forgets the max subtraction (its n % 8 tail keeps it)",
+      path="avx2"),
     M("cpp_attention_masked_zero", "csrc/cpu/attention.cpp",
       "if (!mask[s]) row[s] = kMasked;", "if (!mask[s]) row[s] = 0.0f;",
       "masked scores set to 0 instead of the most negative float", path="all"),
@@ -300,11 +301,12 @@ CATALOGUE = [
       "const float* bias = first && p_.bias ? p_.bias + n : nullptr;",
       "const float* bias = p_.bias ? p_.bias + n : nullptr;",
       "GEMM adds the bias once per depth block of 256 instead of once", path="all"),
-    M("cpp_matmul_bf16_widen_avx512", "csrc/cpu/matmul.cpp",
+    M("cpp_matmul_bf16_widen_avx512", "csrc/cpu/simd.h",
       "return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));",
       "return _mm512_cvtepi32_ps(_mm512_slli_epi32(wide, 16));",
-      "AVX-512 bf16 widening converts the integer instead of reinterpreting the bits", path="avx512"),
-    M("cpp_matmul_bf16_widen_avx2", "csrc/cpu/matmul.cpp",
+      "AVX-512 bf16 widening (the GEMV; AMX's split too) converts the integer instead of reinterpreting the bits",
+      path="avx512"),
+    M("cpp_matmul_bf16_widen_avx2", "csrc/cpu/simd.h",
       "return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));",
       "return _mm256_cvtepi32_ps(_mm256_slli_epi32(wide, 16));",
       "AVX2 bf16 widening (GEMV, and W packing on avx2 and avx512) converts instead of reinterpreting",

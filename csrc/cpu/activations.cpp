@@ -1,16 +1,13 @@
-// gelu_tanh, geglu, softcap, softmax: see activations.h. Each AVX2 loop runs over whole vectors
-// of 8 and hands the last n % 8 elements to the portable loop.
+// gelu_tanh, geglu, softcap and the softmax row: see activations.h. Each AVX2 loop runs over whole
+// vectors of 8 and hands the last n % 8 elements to the portable loop.
 #include "cpu/activations.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "cpu/simd.h"
 #include "cpu/threadpool.h"
-
-#define REFPG_AVX2 __attribute__((target("avx2,fma")))
 
 namespace refpg {
 
@@ -64,12 +61,12 @@ void softmax_scalar(const float* x, float* y, int64_t n) {
 
 // ---- AVX2 + FMA path -----------------------------------------------------------------------------
 
-REFPG_AVX2 inline __m256 set1(float v) { return _mm256_set1_ps(v); }
+REFPG_TARGET_AVX2 inline __m256 set1(float v) { return _mm256_set1_ps(v); }
 
 // e^x for x <= 88 (Cephes expf): x = k·ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact
 // reduction), e^r from a degree-6 polynomial, 2^k written into the exponent bits. Below -87 the
 // result flushes to 0 (true value < 1.7e-38). Not for NaN.
-REFPG_AVX2 inline __m256 exp8(__m256 x) {
+REFPG_TARGET_AVX2 inline __m256 exp8(__m256 x) {
   const __m256 underflow = _mm256_cmp_ps(x, set1(-87.0f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)),
@@ -89,7 +86,7 @@ REFPG_AVX2 inline __m256 exp8(__m256 x) {
 
 // tanh (Cephes tanhf): an odd polynomial below |x| = 0.625, else (1 − e) / (1 + e) with
 // e = exp(−2|x|) <= 0.29, so there is no cancellation; the sign is copied back. NaN stays NaN.
-REFPG_AVX2 inline __m256 tanh8(__m256 x) {
+REFPG_TARGET_AVX2 inline __m256 tanh8(__m256 x) {
   const __m256 sign = set1(-0.0f), one = set1(1.0f);
   const __m256 ax = _mm256_andnot_ps(sign, x);
   const __m256 z = _mm256_mul_ps(x, x);
@@ -106,26 +103,26 @@ REFPG_AVX2 inline __m256 tanh8(__m256 x) {
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-REFPG_AVX2 inline __m256 gelu8(__m256 x) {
+REFPG_TARGET_AVX2 inline __m256 gelu8(__m256 x) {
   const __m256 cubic = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(set1(kGeluCubic), x), x), x);
   const __m256 t = tanh8(_mm256_mul_ps(set1(kSqrt2OverPi), _mm256_add_ps(x, cubic)));
   return _mm256_mul_ps(_mm256_mul_ps(set1(0.5f), x), _mm256_add_ps(set1(1.0f), t));
 }
 
-REFPG_AVX2 void gelu_avx2(const float* x, float* y, int64_t n) {
+REFPG_TARGET_AVX2 void gelu_avx2(const float* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
   gelu_scalar(x + i, y + i, n - i);
 }
 
-REFPG_AVX2 void geglu_avx2(const float* gate, const float* up, float* y, int64_t n) {
+REFPG_TARGET_AVX2 void geglu_avx2(const float* gate, const float* up, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(y + i, _mm256_mul_ps(gelu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
   geglu_scalar(gate + i, up + i, y + i, n - i);
 }
 
-REFPG_AVX2 void softcap_avx2(const float* x, float* y, int64_t n, float cap) {
+REFPG_TARGET_AVX2 void softcap_avx2(const float* x, float* y, int64_t n, float cap) {
   const __m256 c = set1(cap);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -133,18 +130,7 @@ REFPG_AVX2 void softcap_avx2(const float* x, float* y, int64_t n, float cap) {
   softcap_scalar(x + i, y + i, n - i, cap);
 }
 
-REFPG_AVX2 float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-REFPG_AVX2 double hsum(__m256d v) {
-  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-
-REFPG_AVX2 void softmax_avx2(const float* x, float* y, int64_t n) {
+REFPG_TARGET_AVX2 void softmax_avx2(const float* x, float* y, int64_t n) {
   __m256 vmax = set1(-std::numeric_limits<float>::infinity()), vnan = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -183,34 +169,28 @@ REFPG_AVX2 void softmax_avx2(const float* x, float* y, int64_t n) {
 
 }  // namespace
 
-void softcap_row(const float* x, float* y, int64_t n, float cap, bool avx2) {
-  avx2 ? softcap_avx2(x, y, n, cap) : softcap_scalar(x, y, n, cap);
+void softcap_row(const float* x, float* y, int64_t n, float cap, SimdPath path) {
+  uses_avx2(path) ? softcap_avx2(x, y, n, cap) : softcap_scalar(x, y, n, cap);
 }
 
-void softmax_row(const float* x, float* y, int64_t n, bool avx2) {
-  avx2 ? softmax_avx2(x, y, n) : softmax_scalar(x, y, n);
+void softmax_row(const float* x, float* y, int64_t n, SimdPath path) {
+  uses_avx2(path) ? softmax_avx2(x, y, n) : softmax_scalar(x, y, n);
 }
 
-void gelu_tanh(const float* x, float* y, int64_t n, bool avx2) {
+void gelu_tanh(const float* x, float* y, int64_t n, SimdPath path) {
   parallel_for(n, kGrain, [&](int64_t b, int64_t e) {
-    avx2 ? gelu_avx2(x + b, y + b, e - b) : gelu_scalar(x + b, y + b, e - b);
+    uses_avx2(path) ? gelu_avx2(x + b, y + b, e - b) : gelu_scalar(x + b, y + b, e - b);
   });
 }
 
-void geglu(const float* gate, const float* up, float* y, int64_t n, bool avx2) {
+void geglu(const float* gate, const float* up, float* y, int64_t n, SimdPath path) {
   parallel_for(n, kGrain, [&](int64_t b, int64_t e) {
-    avx2 ? geglu_avx2(gate + b, up + b, y + b, e - b) : geglu_scalar(gate + b, up + b, y + b, e - b);
+    uses_avx2(path) ? geglu_avx2(gate + b, up + b, y + b, e - b) : geglu_scalar(gate + b, up + b, y + b, e - b);
   });
 }
 
-void softcap(const float* x, float* y, int64_t n, float cap, bool avx2) {
-  parallel_for(n, kGrain, [&](int64_t b, int64_t e) { softcap_row(x + b, y + b, e - b, cap, avx2); });
-}
-
-void softmax(const float* x, float* y, int64_t rows, int64_t cols, bool avx2) {
-  parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) softmax_row(x + r * cols, y + r * cols, cols, avx2);
-  });
+void softcap(const float* x, float* y, int64_t n, float cap, SimdPath path) {
+  parallel_for(n, kGrain, [&](int64_t b, int64_t e) { softcap_row(x + b, y + b, e - b, cap, path); });
 }
 
 }  // namespace refpg

@@ -1,17 +1,14 @@
 // attention: see attention.h.
 #include "cpu/attention.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "cpu/activations.h"
 #include "cpu/matmul.h"
+#include "cpu/simd.h"
 #include "cpu/threadpool.h"
-
-#define REFPG_AVX2 __attribute__((target("avx2,fma")))
 
 namespace refpg {
 
@@ -64,16 +61,10 @@ void weighted_sum_scalar(const Tile& tile, const float* p, int64_t v_s, int64_t 
 // query rows: M·n accumulators plus n key (value) vectors plus one more fit the 16 ymm registers.
 constexpr int vectors_per_step(int M) { return M == 1 ? 8 : M == 2 ? 4 : 3; }
 
-REFPG_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // dots[i * N + j] = q[i] · key[j] for M query rows and N key rows (k_s floats apart), hd long,
 // prefetching the next N key rows.
 template <int M, int N>
-REFPG_AVX2 inline void dot_block(const float* const* q, const float* key, int64_t k_s, int64_t hd, float* dots) {
+REFPG_TARGET_AVX2 inline void dot_block(const float* const* q, const float* key, int64_t k_s, int64_t hd, float* dots) {
   __m256 acc[M][N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -82,7 +73,7 @@ REFPG_AVX2 inline void dot_block(const float* const* q, const float* key, int64_
     __m256 kv[N];
     for (int j = 0; j < N; ++j) {
       kv[j] = _mm256_loadu_ps(key + j * k_s + d);
-      _mm_prefetch(reinterpret_cast<const char*>(key + (j + N) * k_s + d), _MM_HINT_T0);
+      prefetch(key + (j + N) * k_s + d);
     }
     for (int i = 0; i < M; ++i) {
       const __m256 qv = _mm256_loadu_ps(q[i] + d);
@@ -99,7 +90,7 @@ REFPG_AVX2 inline void dot_block(const float* const* q, const float* key, int64_
 
 // scores[i][s] = (q[i] · k[s]) · scale, vectors_per_step(M) keys at a time.
 template <int M>
-REFPG_AVX2 void scores_avx2(const Tile& tile, int64_t k_s, int64_t S, int64_t hd, float scale, float* scores) {
+REFPG_TARGET_AVX2 void scores_avx2(const Tile& tile, int64_t k_s, int64_t S, int64_t hd, float scale, float* scores) {
   constexpr int N = vectors_per_step(M);
   float dots[M * N];
   int64_t s = 0;
@@ -117,15 +108,15 @@ REFPG_AVX2 void scores_avx2(const Tile& tile, int64_t k_s, int64_t S, int64_t hd
 // out[i][d0 : d0 + 8W] += Σ_{s0 <= s < s1} p[i][s] · v[s][d0 : d0 + 8W] for the M rows of the
 // tile (from zero when s0 == 0), prefetching the same slice of the next chunk's value rows.
 template <int M, int W>
-REFPG_AVX2 inline void weighted_slice(const Tile& tile, const float* p, int64_t v_s, int64_t S, int64_t s0, int64_t s1,
-                                      int64_t d0) {
+REFPG_TARGET_AVX2 inline void weighted_slice(const Tile& tile, const float* p, int64_t v_s, int64_t S, int64_t s0,
+                                             int64_t s1, int64_t d0) {
   __m256 acc[M][W];
   for (int i = 0; i < M; ++i)
     for (int w = 0; w < W; ++w) acc[i][w] = s0 ? _mm256_loadu_ps(tile.out[i] + d0 + 8 * w) : _mm256_setzero_ps();
   int64_t s = s0;
   do {  // s0 < s1; as a for loop, GCC 12 stores the accumulators to the stack on every iteration
     const float* value = tile.v + s * v_s + d0;
-    _mm_prefetch(reinterpret_cast<const char*>(value + kChunk * v_s), _MM_HINT_T0);
+    prefetch(value + kChunk * v_s);
     __m256 vv[W];
     for (int w = 0; w < W; ++w) vv[w] = _mm256_loadu_ps(value + 8 * w);
     for (int i = 0; i < M; ++i) {
@@ -140,7 +131,7 @@ REFPG_AVX2 inline void weighted_slice(const Tile& tile, const float* p, int64_t 
 // out = p · v, kChunk value rows at a time (a chunk stays in L1 while its hd slices are summed),
 // in slices of vectors_per_step(M) vectors.
 template <int M>
-REFPG_AVX2 void weighted_sum_avx2(const Tile& tile, const float* p, int64_t v_s, int64_t S, int64_t hd) {
+REFPG_TARGET_AVX2 void weighted_sum_avx2(const Tile& tile, const float* p, int64_t v_s, int64_t S, int64_t hd) {
   constexpr int W = vectors_per_step(M);
   for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
     const int64_t s1 = std::min(S, s0 + kChunk);
@@ -157,39 +148,39 @@ REFPG_AVX2 void weighted_sum_avx2(const Tile& tile, const float* p, int64_t v_s,
 }
 
 // One row of scores [S] -> probabilities, in place: soft-cap, mask (null: every key), softmax.
-void probabilities_row(float* row, const uint8_t* mask, const AttentionArgs& a, bool avx2) {
-  if (a.softcap != 0.0f) softcap_row(row, row, a.S, a.softcap, avx2);
+void probabilities_row(float* row, const uint8_t* mask, const AttentionArgs& a, SimdPath path) {
+  if (a.softcap != 0.0f) softcap_row(row, row, a.S, a.softcap, path);
   if (mask)
     for (int64_t s = 0; s < a.S; ++s)
       if (!mask[s]) row[s] = kMasked;
-  softmax_row(row, row, a.S, avx2);
+  softmax_row(row, row, a.S, path);
 }
 
 // Scores [rows, S] -> probabilities, in place, row by row.
-void probabilities(const Tile& tile, const AttentionArgs& a, float* scores, bool avx2) {
-  for (int i = 0; i < tile.rows; ++i) probabilities_row(scores + i * a.S, tile.mask[i], a, avx2);
+void probabilities(const Tile& tile, const AttentionArgs& a, float* scores, SimdPath path) {
+  for (int i = 0; i < tile.rows; ++i) probabilities_row(scores + i * a.S, tile.mask[i], a, path);
 }
 
 template <int M>
-REFPG_AVX2 void tile_avx2(const Tile& tile, const AttentionArgs& a, float* scores) {
+REFPG_TARGET_AVX2 void tile_avx2(const Tile& tile, const AttentionArgs& a, float* scores, SimdPath path) {
   scores_avx2<M>(tile, a.k_s, a.S, a.hd, a.scale, scores);
-  probabilities(tile, a, scores, true);
+  probabilities(tile, a, scores, path);
   weighted_sum_avx2<M>(tile, scores, a.v_s, a.S, a.hd);
 }
 
 // One tile, start to end; `scores` is scratch for kMaxTile x S floats.
-void run_tile(const Tile& tile, const AttentionArgs& a, float* scores, bool avx2) {
-  if (!avx2) {
+void run_tile(const Tile& tile, const AttentionArgs& a, float* scores, SimdPath path) {
+  if (!uses_avx2(path)) {
     scores_scalar(tile, a.k_s, a.S, a.hd, a.scale, scores);
-    probabilities(tile, a, scores, false);
+    probabilities(tile, a, scores, path);
     weighted_sum_scalar(tile, scores, a.v_s, a.S, a.hd);
     return;
   }
   switch (tile.rows) {
-    case 1: return tile_avx2<1>(tile, a, scores);
-    case 2: return tile_avx2<2>(tile, a, scores);
-    case 3: return tile_avx2<3>(tile, a, scores);
-    default: return tile_avx2<4>(tile, a, scores);
+    case 1: return tile_avx2<1>(tile, a, scores, path);
+    case 2: return tile_avx2<2>(tile, a, scores, path);
+    case 3: return tile_avx2<3>(tile, a, scores, path);
+    default: return tile_avx2<4>(tile, a, scores, path);
   }
 }
 
@@ -223,7 +214,6 @@ int64_t tile_rows_for(const AttentionArgs& a) {
 // mask and softmax in between. k and v are first copied (v transposed) into contiguous matrices,
 // since linear reads its weight rows packed; q rows are gathered and out rows scattered likewise.
 void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
-  const bool avx2 = path != SimdPath::Scalar;  // simd_path() picks no vector path without AVX2 + FMA
   const int64_t group = a.H / a.KV, rows = a.T * group, chunk = std::min(rows, kGemmRows);
   // With a (batch row, kv head) for every thread, one per thread, its products then on that thread;
   // with fewer (MQA, one image), one after the other, each product spread over the threads.
@@ -248,15 +238,15 @@ void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
           const float* src = a.q + b * a.q_b + token(r) * a.q_t + head(r) * a.hd;
           std::copy(src, src + a.hd, q.data() + r * a.hd);
         }
-        linear({q.data(), a.hd, k.data(), false, nullptr, p.data(), a.S, n, a.S, a.hd}, path);
+        linear({q.data(), a.hd, k.data(), WeightFormat::F32, nullptr, p.data(), a.S, n, a.S, a.hd}, path);
         parallel_for(n, 8, [&](int64_t i0, int64_t i1) {
           for (int64_t r = i0; r < i1; ++r) {
             float* row = p.data() + r * a.S;
             for (int64_t s = 0; s < a.S; ++s) row[s] *= a.scale;
-            probabilities_row(row, a.mask ? a.mask + b * a.m_b + token(r) * a.m_t : nullptr, a, avx2);
+            probabilities_row(row, a.mask ? a.mask + b * a.m_b + token(r) * a.m_t : nullptr, a, path);
           }
         });
-        linear({p.data(), a.S, vt.data(), false, nullptr, o.data(), a.hd, n, a.hd, a.S}, path);
+        linear({p.data(), a.S, vt.data(), WeightFormat::F32, nullptr, o.data(), a.hd, n, a.hd, a.S}, path);
         for (int64_t r = 0; r < n; ++r)
           std::copy(o.data() + r * a.hd, o.data() + (r + 1) * a.hd, a.out + ((b * a.T + token(r)) * a.H + head(r)) * a.hd);
       }
@@ -273,7 +263,6 @@ void attention_by_gemm(const AttentionArgs& a, SimdPath path) {
 void attention(const AttentionArgs& a, SimdPath path) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return;
   if (a.T * (a.H / a.KV) >= kMinGemmRows && a.S >= kMinGemmRows) return attention_by_gemm(a, path);
-  const bool avx2 = path != SimdPath::Scalar;
   const int64_t tile_rows = tile_rows_for(a);
   const int64_t tiles = (a.T * (a.H / a.KV) + tile_rows - 1) / tile_rows;
   const int64_t fma_per_tile = 2 * tile_rows * a.S * std::max<int64_t>(a.hd, 1);
@@ -281,7 +270,7 @@ void attention(const AttentionArgs& a, SimdPath path) {
   parallel_for(a.B * a.KV * tiles, grain, [&](int64_t u0, int64_t u1) {
     std::vector<float> scores(kMaxTile * a.S);  // per-thread scratch
     for (int64_t u = u0; u < u1; ++u) {
-      run_tile(make_tile(a, u / (a.KV * tiles), u / tiles % a.KV, u % tiles, tile_rows), a, scores.data(), avx2);
+      run_tile(make_tile(a, u / (a.KV * tiles), u / tiles % a.KV, u % tiles, tile_rows), a, scores.data(), path);
     }
   });
 }

@@ -15,13 +15,13 @@
 // slices of hd. Key and value rows are prefetched one step ahead (the cache rows of a long
 // decode are far apart). Tiles run in parallel over batch × kv heads × tiles; tiles shrink below
 // 4 rows when that is needed to give every thread work (decode: heads × batch). S is not split
-// across threads. The AVX2+FMA path is chosen by the caller (`avx2`, run-time detection); the
-// portable path does the same in plain C++, accumulating in float32 like the AVX2 path.
-// Arguments are validated in csrc/bindings.cpp; this function trusts them.
+// across threads. Every vector path (uses_avx2) runs the tiles with AVX2+FMA; the Scalar path does
+// the same in plain C++, accumulating in float32 like the AVX2 path.
+// Arguments are validated in csrc/bind_cpu.cpp; this function trusts them.
 #pragma once
 #include <cstdint>
 
-#include "cpu/matmul.h"
+#include "cpu/simd.h"
 
 namespace refpg {
 

@@ -23,16 +23,11 @@
 #include "cpu/matmul.h"
 #include "cpu/matmul_amx.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
-#include <stdexcept>
-#include <string>
 
-#include "cpu/cpu_features.h"
+#include "cpu/simd.h"
 #include "cpu/threadpool.h"
 
 namespace refpg {
@@ -45,15 +40,6 @@ constexpr int64_t kGemvXBlock = 16 * 1024 / sizeof(float);  // x floats per dept
 constexpr int64_t KC = 256, MC = 144, NC = 512;
 constexpr int64_t kGemmRows = 1536;  // x rows packed at once (each pass over them packs W again)
 constexpr int64_t kMinParallelFma = 1 << 16;  // less work than this runs on the calling thread
-
-inline float bf16_to_f32(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
 struct AlignedFree {
   void operator()(float* p) const { std::free(p); }
@@ -113,22 +99,7 @@ struct Scalar {
   }
 };
 
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-
-#define REFPG_AVX2 __attribute__((target("avx2,fma")))
-
-REFPG_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-REFPG_AVX2 inline __m256 load8(const uint16_t* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-REFPG_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-REFPG_AVX2 inline void transpose8x8(__m256 r[8]) {
+REFPG_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
   __m256 t[8], u[8];
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -148,7 +119,7 @@ REFPG_AVX2 inline void transpose8x8(__m256 r[8]) {
 
 // pack_w_plain<NR> with 8 x 8 block transposes (NR a multiple of 8; AVX-512F CPUs have AVX2 too).
 template <int NR, class Wt>
-REFPG_AVX2 void pack_w_transposed(const Wt* w, int64_t K, int64_t cols, int64_t k0, int64_t kc, float* dst) {
+REFPG_TARGET_AVX2 void pack_w_transposed(const Wt* w, int64_t K, int64_t cols, int64_t k0, int64_t kc, float* dst) {
   if (cols < NR) return pack_w_plain<NR>(w, K, cols, k0, kc, dst);
   for (int64_t j = 0; j < NR; j += 8) {
     const Wt* rows = w + j * K + k0;
@@ -172,8 +143,8 @@ struct Avx2 {
     pack_w_transposed<NR>(w, K, cols, k0, kc, dst);
   }
 
-  REFPG_AVX2 static void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                              const float* bias, bool accumulate) {
+  REFPG_TARGET_AVX2 static void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                                     const float* bias, bool accumulate) {
     __m256 acc[MR][2];
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
@@ -204,8 +175,8 @@ struct Avx2 {
   }
 
   template <int R, int C, class Wt>
-  REFPG_AVX2 static void dots(const float* x, int64_t ldx, const Wt* w, int64_t ldw, int64_t kc, const Wt* ahead,
-                              float* out) {
+  REFPG_TARGET_AVX2 static void dots(const float* x, int64_t ldx, const Wt* w, int64_t ldw, int64_t kc, const Wt* ahead,
+                                     float* out) {
     __m256 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -229,14 +200,6 @@ struct Avx2 {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define REFPG_AVX512 __attribute__((target("avx512f")))
-
-REFPG_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-REFPG_AVX512 inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 struct Avx512 {
   static constexpr int MR = 6, NR = 32;
 
@@ -245,8 +208,8 @@ struct Avx512 {
     pack_w_transposed<NR>(w, K, cols, k0, kc, dst);
   }
 
-  REFPG_AVX512 static void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                                const float* bias, bool accumulate) {
+  REFPG_TARGET_AVX512 static void tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                                       const float* bias, bool accumulate) {
     __m512 acc[MR][2];
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -272,8 +235,8 @@ struct Avx512 {
   }
 
   template <int R, int C, class Wt>
-  REFPG_AVX512 static void dots(const float* x, int64_t ldx, const Wt* w, int64_t ldw, int64_t kc,
-                                const Wt* ahead, float* out) {
+  REFPG_TARGET_AVX512 static void dots(const float* x, int64_t ldx, const Wt* w, int64_t ldw, int64_t kc,
+                                       const Wt* ahead, float* out) {
     __m512 acc[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -449,48 +412,13 @@ void linear_with(const LinearArgs& p, const Wt* w) {
 
 template <class Isa>
 void linear_with(const LinearArgs& p) {
-  if (p.weight_bf16)
-    linear_with<Isa>(p, static_cast<const uint16_t*>(p.weight));
-  else
-    linear_with<Isa>(p, static_cast<const float*>(p.weight));
+  switch (p.format) {
+    case WeightFormat::F32: return linear_with<Isa>(p, static_cast<const float*>(p.weight));
+    case WeightFormat::BF16: return linear_with<Isa>(p, static_cast<const uint16_t*>(p.weight));
+  }
 }
 
 }  // namespace
-
-SimdPath simd_path() {
-  const CpuFeatures& f = cpu_features();
-  const bool avx2 = f.avx2 && f.fma;
-  const char* env = std::getenv("REFPG_SIMD");
-  const std::string want = env ? env : "";
-  // Every vector path uses AVX2 + FMA too (packing, and the kernels of the other ops).
-  if (want.empty() || want == "auto")
-    return !avx2 ? SimdPath::Scalar : f.amx_bf16 ? SimdPath::Amx : f.avx512f ? SimdPath::Avx512 : SimdPath::Avx2;
-  if (want == "scalar") return SimdPath::Scalar;
-  if (want == "avx2") {
-    if (!avx2) throw std::runtime_error("REFPG_SIMD=avx2, but this CPU lacks AVX2 or FMA");
-    return SimdPath::Avx2;
-  }
-  if (want == "avx512") {
-    if (!f.avx512f || !avx2) throw std::runtime_error("REFPG_SIMD=avx512, but this CPU lacks AVX-512F (or AVX2 + FMA)");
-    return SimdPath::Avx512;
-  }
-  if (want == "amx") {
-    if (!f.amx_bf16 || !avx2)
-      throw std::runtime_error("REFPG_SIMD=amx, but this CPU (or its OS) offers no AMX-BF16 with AVX-512 BF16");
-    return SimdPath::Amx;
-  }
-  throw std::invalid_argument("REFPG_SIMD must be amx, avx512, avx2, scalar or auto, got '" + want + "'");
-}
-
-const char* simd_path_name(SimdPath path) {
-  switch (path) {
-    case SimdPath::Scalar: return "scalar";
-    case SimdPath::Avx2: return "avx2";
-    case SimdPath::Avx512: return "avx512";
-    case SimdPath::Amx: return "amx";
-  }
-  return "?";
-}
 
 void linear(const LinearArgs& p, SimdPath path) {
   if (p.M == 0 || p.N == 0) return;

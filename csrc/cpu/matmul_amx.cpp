@@ -25,8 +25,6 @@
 // subnormals (below 1.2e-38) are flushed to zero by the conversion and by the tile unit.
 #include "cpu/matmul_amx.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -34,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "cpu/threadpool.h"
 
 namespace refpg {
@@ -48,9 +47,6 @@ constexpr int64_t kBlockSteps = 8;           // k steps per depth block: 256 dee
 constexpr int64_t kSuper = 8;                // W blocks a thread runs per x block
 constexpr int64_t kMaxRows = 512;            // x rows packed at once (more: W is read again)
 constexpr int64_t kMinParallelFma = 1 << 16;
-
-#define REFPG_AMX __attribute__((target("amx-tile,amx-bf16")))
-#define REFPG_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // Palette 1, all 8 tiles 16 rows x 64 bytes.
 struct alignas(64) TileConfig {
@@ -68,11 +64,11 @@ struct alignas(64) TileConfig {
 // Tile state for the calling thread, released on scope exit (so the kernel need not save 8 KB
 // of tile data at every context switch afterwards).
 struct TileScope {
-  REFPG_AMX TileScope() {
+  REFPG_TARGET_AMX TileScope() {
     static const TileConfig config;
     _tile_loadconfig(&config);
   }
-  REFPG_AMX ~TileScope() { _tile_release(); }
+  REFPG_TARGET_AMX ~TileScope() { _tile_release(); }
 };
 
 template <class T>
@@ -102,15 +98,12 @@ uint16_t* packed_x(int64_t n) {
   return buffer.data();
 }
 
-// 16 floats -> (hi, lo) bf16 parts, as 16-bit lanes widened back to float for the remainder.
-REFPG_AVX512BF16 inline __m512 bf16_widen(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+// 16 floats -> (hi, lo) bf16 parts, the hi parts widened back to float (widen_bf16) for the remainder.
 // v0 = v[0:16], v1 = v[16:32] -> hi and lo, 32 bf16 each in k order (16 k pairs = 16 uint32).
 // False when a hi part is not finite (inf, NaN, or beyond the bf16 range).
-REFPG_AVX512BF16 inline bool split32(__m512 v0, __m512 v1, __m512i* hi, __m512i* lo) {
+REFPG_TARGET_AVX512BF16 inline bool split32(__m512 v0, __m512 v1, __m512i* hi, __m512i* lo) {
   const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
-  const __m512 h0 = bf16_widen(_mm512_castsi512_si256(h)), h1 = bf16_widen(_mm512_extracti64x4_epi64(h, 1));
+  const __m512 h0 = widen_bf16(_mm512_castsi512_si256(h)), h1 = widen_bf16(_mm512_extracti64x4_epi64(h, 1));
   const __m512i exponent = _mm512_set1_epi32(0x7f800000);
   // lo = 0 where hi is inf or NaN: the remainder would be NaN
   const __mmask16 f0 = _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(h0), exponent), exponent);
@@ -123,7 +116,7 @@ REFPG_AVX512BF16 inline bool split32(__m512 v0, __m512 v1, __m512i* hi, __m512i*
 
 // x rows [16 mb, 16 mb + 16) -> their B tiles [k step][hi, lo][k pair][row][2] (rows past M and
 // depth past K are zeros). False when some x is not finite or beyond the bf16 range.
-REFPG_AVX512BF16 bool pack_x_block(const LinearArgs& p, int64_t mb, int64_t steps, uint16_t* dst) {
+REFPG_TARGET_AVX512BF16 bool pack_x_block(const LinearArgs& p, int64_t mb, int64_t steps, uint16_t* dst) {
   alignas(64) uint32_t hi[kTile][kTile], lo[kTile][kTile];  // [row][k pair]
   bool finite = true;
   for (int64_t s = 0; s < steps; ++s) {
@@ -157,8 +150,8 @@ REFPG_AVX512BF16 bool pack_x_block(const LinearArgs& p, int64_t mb, int64_t step
 // of bytes apart, would all fall in the same few L1 sets. False when some W is not finite (or, for
 // float32 W, beyond the bf16 range).
 template <class Wt>
-REFPG_AVX512BF16 bool pack_w_row(const LinearArgs& p, const Wt* w, int64_t n0, int64_t r, int64_t k0, int64_t steps,
-                                 uint16_t* dst) {
+REFPG_TARGET_AVX512BF16 bool pack_w_row(const LinearArgs& p, const Wt* w, int64_t n0, int64_t r, int64_t k0,
+                                        int64_t steps, uint16_t* dst) {
   constexpr int64_t kParts = std::is_same_v<Wt, uint16_t> ? 1 : 2;
   const bool real = n0 + r < p.N;
   const Wt* src = w + (real ? n0 + r : 0) * p.K;
@@ -189,8 +182,8 @@ REFPG_AVX512BF16 bool pack_w_row(const LinearArgs& p, const Wt* w, int64_t n0, i
 // lo parts when kLo); x0, x1: the packed B tiles of the (one or two, MB) m blocks.
 // c: the 4 C tiles [tile][16 W rows][16 x rows], loaded first unless `zero`, stored after.
 template <int MB, bool kLo>
-REFPG_AMX void block_kernel(const uint16_t* w, const uint16_t* x0, const uint16_t* x1, int64_t steps, float* c,
-                            bool zero) {
+REFPG_TARGET_AMX void block_kernel(const uint16_t* w, const uint16_t* x0, const uint16_t* x1, int64_t steps, float* c,
+                                   bool zero) {
   constexpr int64_t kC = kTile * kTile, kWStep = (kLo ? 2 : 1) * 2 * kTileElems;
   // GCC's tile load/store intrinsics declare no memory access: fence them against the packing
   // stores before and the reads of c after, should this function ever be inlined.
@@ -241,7 +234,7 @@ REFPG_AMX void block_kernel(const uint16_t* w, const uint16_t* x0, const uint16_
 }
 
 // dst rows [0, 16) ld apart = the 16 x 16 block src [16][16] transposed, + bias[row] (or 0).
-REFPG_AVX512BF16 void transpose16_store(const float* src, float* dst, int64_t ld, const float* bias) {
+REFPG_TARGET_AVX512BF16 void transpose16_store(const float* src, float* dst, int64_t ld, const float* bias) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(src + 16 * i);
   for (int i = 0; i < 16; i += 2) {
@@ -386,8 +379,9 @@ bool linear_amx(const LinearArgs& p) {
     rows.x += m * p.ldx;
     rows.y += m * p.ldy;
     rows.M = std::min(kMaxRows, p.M - m);
-    const bool done = p.weight_bf16 ? AmxGemm<uint16_t>(rows, static_cast<const uint16_t*>(p.weight)).run()
-                                    : AmxGemm<float>(rows, static_cast<const float*>(p.weight)).run();
+    const bool done = p.format == WeightFormat::BF16
+                          ? AmxGemm<uint16_t>(rows, static_cast<const uint16_t*>(p.weight)).run()
+                          : AmxGemm<float>(rows, static_cast<const float*>(p.weight)).run();
     if (!done) return false;
   }
   return true;

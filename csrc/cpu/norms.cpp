@@ -3,14 +3,11 @@
 // elements go through the portable loops.
 #include "cpu/norms.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/simd.h"
 #include "cpu/threadpool.h"
-
-#define REFPG_AVX2 __attribute__((target("avx2,fma")))
 
 namespace refpg {
 
@@ -60,13 +57,8 @@ void layer_row_scalar(const float* x, const float* w, const float* b, float* y, 
 
 // ---- AVX2 + FMA path -----------------------------------------------------------------------------
 
-REFPG_AVX2 double hsum(__m256d v) {
-  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-
 // Σ (x − center)² over whole vectors of 8; returns where the vectors stopped in *end.
-REFPG_AVX2 double sum_squares_avx2(const float* x, int64_t D, float center, int64_t* end) {
+REFPG_TARGET_AVX2 double sum_squares_avx2(const float* x, int64_t D, float center, int64_t* end) {
   const __m256 c = _mm256_set1_ps(center);
   __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
   int64_t i = 0;
@@ -80,7 +72,7 @@ REFPG_AVX2 double sum_squares_avx2(const float* x, int64_t D, float center, int6
   return hsum(_mm256_add_pd(lo, hi));
 }
 
-REFPG_AVX2 double sum_avx2(const float* x, int64_t D, int64_t* end) {
+REFPG_TARGET_AVX2 double sum_avx2(const float* x, int64_t D, int64_t* end) {
   __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 8 <= D; i += 8) {
@@ -92,7 +84,7 @@ REFPG_AVX2 double sum_avx2(const float* x, int64_t D, int64_t* end) {
   return hsum(_mm256_add_pd(lo, hi));
 }
 
-REFPG_AVX2 void rms_row_avx2(const float* x, const float* w, float* y, int64_t D, float eps) {
+REFPG_TARGET_AVX2 void rms_row_avx2(const float* x, const float* w, float* y, int64_t D, float eps) {
   int64_t i;
   double ss = sum_squares_avx2(x, D, 0.0f, &i);
   ss += sum_squares_scalar(x, i, D, 0.0f);
@@ -105,7 +97,7 @@ REFPG_AVX2 void rms_row_avx2(const float* x, const float* w, float* y, int64_t D
   rms_out_scalar(x, w, y, i, D, inv);
 }
 
-REFPG_AVX2 void layer_row_avx2(const float* x, const float* w, const float* b, float* y, int64_t D, float eps) {
+REFPG_TARGET_AVX2 void layer_row_avx2(const float* x, const float* w, const float* b, float* y, int64_t D, float eps) {
   int64_t i;
   double sum = sum_avx2(x, D, &i);
   sum += sum_scalar(x, i, D);
@@ -125,7 +117,8 @@ int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrain / std::max<int
 
 }  // namespace
 
-void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t D, float eps, bool avx2) {
+void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t D, float eps, SimdPath path) {
+  const bool avx2 = uses_avx2(path);
   parallel_for(rows, row_grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       avx2 ? rms_row_avx2(x + r * D, weight, y + r * D, D, eps) : rms_row_scalar(x + r * D, weight, y + r * D, D, eps);
@@ -133,7 +126,8 @@ void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64
 }
 
 void layer_norm(const float* x, const float* weight, const float* bias, float* y, int64_t rows, int64_t D,
-                float eps, bool avx2) {
+                float eps, SimdPath path) {
+  const bool avx2 = uses_avx2(path);
   parallel_for(rows, row_grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       avx2 ? layer_row_avx2(x + r * D, weight, bias, y + r * D, D, eps)

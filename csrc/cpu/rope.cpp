@@ -22,7 +22,8 @@ void rotate_head(const float* x, const float* cos, const float* sin, float* y, i
 
 }  // namespace
 
-void rope(const float* x, const float* cos, const float* sin, float* y, int64_t tokens, int64_t heads, int64_t hd) {
+void rope(const float* x, const float* cos, const float* sin, float* y, int64_t tokens, int64_t heads, int64_t hd,
+          SimdPath) {
   const int64_t row = heads * hd;
   parallel_for(tokens, std::max<int64_t>(1, kGrain / std::max<int64_t>(row, 1)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)

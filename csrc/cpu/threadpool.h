@@ -8,7 +8,7 @@
 
 namespace refpg {
 
-constexpr int kMaxThreads = 1024;  // set_num_threads refuses more (checked in csrc/bindings.cpp)
+constexpr int kMaxThreads = 1024;  // set_num_threads refuses more (checked in csrc/bind_cpu.cpp)
 
 int num_threads();
 void set_num_threads(int n);  // 1 <= n <= kMaxThreads; n <= 0: back to the number of available cores

@@ -1,10 +1,7 @@
-// Activations, softmax and residual arithmetic: see activations.h. Elementwise kernels use a
-// grid-stride loop over n; softmax uses one block per row.
-#include <cfloat>
-
+// Activations and residual arithmetic: see activations.h. Elementwise kernels use a grid-stride
+// loop over n.
 #include "cuda/activations.h"
 #include "cuda/check.cuh"
-#include "cuda/reduce.cuh"
 
 namespace refpg::cuda {
 
@@ -44,30 +41,6 @@ __global__ void scale_kernel(const float* a, float s, float* y, int64_t n) {
   REFPG_GRID_STRIDE(i, n) y[i] = a[i] * s;
 }
 
-// NumPy's order: m = max(x); e = exp(x − m); y = e / Σe. A NaN or +inf in the row makes it NaN.
-__global__ void softmax_kernel(const float* x, float* y, int64_t cols) {
-  __shared__ float scratch[32];
-  const float* xr = x + blockIdx.x * cols;
-  float* yr = y + blockIdx.x * cols;
-  float m = -INFINITY;
-  bool nan = false;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    nan |= isnan(xr[i]);
-    m = fmaxf(m, xr[i]);
-  }
-  m = block_reduce(m, Max{}, scratch);
-  const float any_nan = block_reduce(nan ? 1.0f : 0.0f, Max{}, scratch);
-  float s = 0.0f;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
-    const float e = expf(xr[i] - m);
-    yr[i] = e;
-    s += e;
-  }
-  s = block_reduce(s, Sum{}, scratch);
-  const float inv_nan = (any_nan > 0.0f || isinf(m)) ? NAN : 0.0f;  // +inf max: inf − inf = NaN, as NumPy
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = yr[i] / s + inv_nan;
-}
-
 }  // namespace
 
 void gelu_tanh(const float* x, float* y, int64_t n) {
@@ -86,12 +59,6 @@ void softcap(const float* x, float* y, int64_t n, float cap) {
   if (n == 0) return;
   softcap_kernel<<<blocks_for(n), kThreads>>>(x, y, n, cap);
   REFPG_CUDA_LAUNCHED("softcap_kernel");
-}
-
-void softmax(const float* x, float* y, int64_t rows, int64_t cols) {
-  if (rows == 0 || cols == 0) return;
-  softmax_kernel<<<static_cast<unsigned>(rows), kThreads>>>(x, y, cols);
-  REFPG_CUDA_LAUNCHED("softmax_kernel");
 }
 
 void add(const float* a, const float* b, float* y, int64_t n, int64_t nb) {

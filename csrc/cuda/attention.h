@@ -6,7 +6,7 @@
 // Prefill (T > 4): tiles of query rows with key/value tiles staged in shared memory and an online
 // (flash-style) softmax, fp32 throughout. Decode (T <= 4): split-KV — the keys are cut into chunks
 // processed by separate blocks, each leaving (max, sum, partial output), combined by a second kernel.
-// All pointers are device pointers. Arguments are validated in csrc/bindings.cpp; this trusts them.
+// All pointers are device pointers. Arguments are validated in csrc/bind_cuda.cpp; this trusts them.
 #pragma once
 #include <cstdint>
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "check.h"
+#include "bind.h"
 #include "cuda/runtime.h"
 
 namespace refpg::cuda {

@@ -23,9 +23,9 @@ __global__ void embedding_kernel(const void* table, int64_t D, const int64_t* id
 
 }  // namespace
 
-void embedding(const void* table, bool bf16, int64_t D, const int64_t* ids, int64_t n, float* out) {
+void embedding(const void* table, WeightFormat format, int64_t D, const int64_t* ids, int64_t n, float* out) {
   if (n == 0 || D == 0) return;
-  if (bf16)
+  if (format == WeightFormat::BF16)
     embedding_kernel<true><<<static_cast<unsigned>(n), kThreads>>>(table, D, ids, out);
   else
     embedding_kernel<false><<<static_cast<unsigned>(n), kThreads>>>(table, D, ids, out);

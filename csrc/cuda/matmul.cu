@@ -668,12 +668,12 @@ void linear(const LinearArgs& a) {
     return;
   }
   if (a.M <= kGemvMaxRows) {
-    if (a.weight_bf16)
+    if (a.format == WeightFormat::BF16)
       gemv<uint16_t>(a);
     else
       gemv<float>(a);
   } else {
-    if (a.weight_bf16)
+    if (a.format == WeightFormat::BF16)
       gemm<uint16_t>(a);
     else
       gemm<float>(a);

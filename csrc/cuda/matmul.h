@@ -4,7 +4,7 @@
 //                    for bf16 weights up to summation order);
 //   M > 8 (prefill): bf16 tensor-core tiles (mma), activations (and fp32 weights) rounded to bf16
 //                    when staged into shared memory, fp32 accumulation.
-// All pointers are device pointers. Arguments are validated in csrc/bindings.cpp; this trusts them.
+// All pointers are device pointers. Arguments are validated in csrc/bind_cuda.cpp; this trusts them.
 #pragma once
 #include <cstdint>
 

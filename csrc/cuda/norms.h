@@ -1,6 +1,6 @@
 // rms_norm and layer_norm on the GPU, the numerics of refpg.ops: one block per row of x[rows, D]
 // (contiguous), statistics summed in double, outputs in float32. Device pointers; arguments are
-// validated in csrc/bindings.cpp.
+// validated in csrc/bind_cuda.cpp.
 #pragma once
 #include <cstdint>
 

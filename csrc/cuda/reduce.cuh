@@ -1,4 +1,4 @@
-// Block-wide sums for the row kernels (norms, softmax): warp shuffles, then one value per warp in
+// Block- and warp-wide reductions for the row kernels (norms, attention): warp shuffles, then one value per warp in
 // shared memory. Every thread of the block must call them; every thread gets the result.
 #pragma once
 #include <cuda_runtime.h>

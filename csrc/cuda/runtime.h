@@ -1,4 +1,4 @@
-// The CUDA runtime as the rest of refpg sees it: plain C++ (no CUDA headers), so csrc/bindings.cpp
+// The CUDA runtime as the rest of refpg sees it: plain C++ (no CUDA headers), so csrc/bind_cuda.cpp
 // compiles with g++. Every failing runtime call throws; the message names the call.
 #pragma once
 #include <cstddef>
