@@ -85,6 +85,25 @@ def require_cuda_or_skip() -> None:
 
 
 @pytest.fixture
+def fake_gpu(monkeypatch):
+    """The cuda backend with refpg._C.cuda replaced by tests/fake_cuda.py (device memory kept in
+    NumPy, each op computed by refpg.ops): its data path runs on any machine. Returns the transfer
+    counts {"upload": n, "download": n}, zeroed."""
+    import types
+
+    import fake_cuda
+    from refpg import backend
+    from refpg.backends import cuda
+
+    monkeypatch.setattr(cuda, "_C", types.SimpleNamespace(cuda=fake_cuda))
+    monkeypatch.delitem(backend.UNAVAILABLE, "cuda", raising=False)
+    for op in backend.OP_NAMES:
+        monkeypatch.setitem(backend.OPS[op], "cuda", getattr(cuda, op))
+    fake_cuda.transfers.update(upload=0, download=0)
+    return fake_cuda.transfers
+
+
+@pytest.fixture
 def cuda_device():
     """A test using it runs only where the cuda backend is available (see require_cuda_or_skip)."""
     require_cuda_or_skip()
@@ -137,12 +156,23 @@ def case_inputs(ref: dict, case: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
 
 
-# ---- child interpreters ------------------------------------------------------------------------
-# They import the refpg under test — the installed one in CI (with its compiled refpg._C), the source
-# tree in development — and run in an empty folder: with `-m` or `-c` Python puts the working
-# directory first on sys.path, and the repository root holds refpg/ without the compiled module.
-NEUTRAL_DIR = tempfile.mkdtemp(prefix="refpg-tests-cwd-")
-atexit.register(shutil.rmtree, NEUTRAL_DIR, True)
+# ---- the cpp backend's instruction sets ---------------------------------------------------------
+SIMD_PATHS = ("amx", "avx512", "avx2", "scalar")  # what cpp can be forced to
+
+
+def simd_paths_here() -> dict[str, str | None]:
+    """Each instruction set cpp can be forced to (set_simd_path, REFPG_SIMD) -> None, or why this CPU
+    cannot run it."""
+    from refpg import backend
+
+    if "cpp" in backend.UNAVAILABLE:
+        return {path: "cpp not built" for path in SIMD_PATHS}
+    from refpg import _C
+
+    f = _C.cpu_features()
+    avx2 = f["avx2"] and f["fma"]  # every vector path needs it too
+    have = {"amx": f["amx_bf16"] and avx2, "avx512": f["avx512f"] and avx2, "avx2": avx2, "scalar": True}
+    return {path: None if have[path] else f"this CPU (or its OS) lacks {path}" for path in SIMD_PATHS}
 
 
 @contextlib.contextmanager
@@ -158,6 +188,14 @@ def simd_path(path: str):
         yield
     finally:
         _C.set_simd_path(before)
+
+
+# ---- child interpreters ------------------------------------------------------------------------
+# They import the refpg under test — the installed one in CI (with its compiled refpg._C), the source
+# tree in development — and run in an empty folder: with `-m` or `-c` Python puts the working
+# directory first on sys.path, and the repository root holds refpg/ without the compiled module.
+NEUTRAL_DIR = tempfile.mkdtemp(prefix="refpg-tests-cwd-")
+atexit.register(shutil.rmtree, NEUTRAL_DIR, True)
 
 
 def child_env(**extra: str) -> dict[str, str]:

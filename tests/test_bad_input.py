@@ -15,8 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli, run_python
-from test_backend_ops import simd_paths_here
+from conftest import ROOT, assert_one_line_error, run_cli, run_python, simd_paths_here
 from refpg import PaliGemma, Processor
 from refpg.backend import BackendError, Selection
 from refpg.model import InputError

@@ -86,8 +86,7 @@ import PIL.Image
 import pytest
 
 import refpg
-from conftest import NEUTRAL_DIR, child_env
-from test_backend_ops import simd_paths_here
+from conftest import NEUTRAL_DIR, child_env, simd_paths_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "data", "tiny-random")
