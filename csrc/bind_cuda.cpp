@@ -1,5 +1,5 @@
 // The GPU kernels (csrc/cuda/) and device tensors as the submodule refpg._C.cuda, twins of refpg.ops
-// on data that stays on the GPU (refpg/cuda.py wraps them). Compiled only when the build found nvcc
+// on data that stays on the GPU (refpg/backends/cuda.py wraps them). Compiled only when the build found nvcc
 // (REFPG_WITH_CUDA); g++ compiles this file: csrc/cuda/*.h are plain C++. Every argument is checked
 // here (csrc/bind.h, and Dev below for device tensors) before a kernel is queued.
 #include <pybind11/numpy.h>
@@ -136,7 +136,7 @@ void bind_device(py::module_& c) {
 // Device tensors: the Tensor class, allocation, transfers and copies.
 void bind_tensors(py::module_& c) {
 
-  py::class_<DeviceTensor>(c, "Tensor", "A strided view of GPU memory (refpg.cuda.DeviceArray wraps it).")
+  py::class_<DeviceTensor>(c, "Tensor", "A strided view of GPU memory (refpg.backends.cuda.DeviceArray wraps it).")
       .def_property_readonly("shape", [](const DeviceTensor& t) { return py::tuple(py::cast(t.shape)); })
       .def_property_readonly("strides", [](const DeviceTensor& t) { return py::tuple(py::cast(t.strides)); })
       .def_property_readonly("offset", [](const DeviceTensor& t) { return t.offset; })
@@ -207,7 +207,7 @@ void bind_tensors(py::module_& c) {
 
 }
 
-// The ops, twins of refpg.ops (the Python side, refpg/cuda.py, handles numpy inputs).
+// The ops, twins of refpg.ops (the Python side, refpg/backends/cuda.py, handles numpy inputs).
 void bind_ops(py::module_& c) {
   c.def("linear", [](const py::object& x_arg, const py::object& w_arg, const py::object& b_arg) {
     const std::string op = "linear";

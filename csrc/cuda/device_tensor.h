@@ -1,4 +1,4 @@
-// DeviceTensor: a strided view of GPU memory, what refpg.cuda.DeviceArray holds. Plain C++ (no CUDA
+// DeviceTensor: a strided view of GPU memory, what refpg.backends.cuda.DeviceArray holds. Plain C++ (no CUDA
 // headers). Views share their storage; `view()` refuses any view reaching outside it, so a kernel
 // given a DeviceTensor that passed the binding's shape checks stays inside its allocation.
 #pragma once

@@ -1,4 +1,4 @@
-// Data movement for refpg.cuda.DeviceArray views: a strided copy (making a view contiguous,
+// Data movement for refpg.backends.cuda.DeviceArray views: a strided copy (making a view contiguous,
 // writing into a KV-cache slice) and a row scatter (placing image features at the <image>
 // positions). Device pointers; element offsets and strides checked in csrc/bind_cuda.cpp.
 #pragma once
