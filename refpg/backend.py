@@ -34,6 +34,7 @@ from refpg.backends.base import OP_NAMES, Backend, to_host
 from refpg.errors import BackendError, BackendMismatch
 
 ALIASES = {"matmul": "linear"}
+REFERENCE = "numpy"  # the backend of refpg/ops.py: what check mode compares every other against
 BACKENDS: dict[str, Backend] = {b.name: b for b in REGISTRY}
 
 # Check-mode bound per op: normalized mean squared error NMSE = Σ(a−b)² / Σb² (ggml's metric).
@@ -153,7 +154,7 @@ class Selection:
         return self.runs["linear"].reads_bf16
 
     def prepare_weights(self, weights):
-        """The loaded weights made ready by the backend of their main reader (linear): on the GPU for cuda."""
+        """The loaded weights made ready by the backend of their main reader (linear), e.g. uploaded to a GPU."""
         return self.runs["linear"].prepare_weights(weights)
 
     def describe(self) -> str:
@@ -163,7 +164,7 @@ class Selection:
         return ", ".join(f"{op}={be}" for op, be in self.backends.items()) + (" (checked)" if self.check else "")
 
 
-NUMPY = Selection({op: "numpy" for op in OP_NAMES})
+NUMPY = Selection({op: REFERENCE for op in OP_NAMES})
 _active: contextvars.ContextVar[Selection] = contextvars.ContextVar("refpg_backend", default=NUMPY)
 
 
@@ -186,8 +187,8 @@ def _call(op: str, *args, **kwargs):
     if sel.mixed:  # arguments may live in another backend's memory
         args = tuple(be.adopt(a) for a in args)
     out = sel.fns[op](*args, **kwargs)
-    if sel.check and be.name != "numpy":
-        ref = OPS[op]["numpy"](*(to_host(a) for a in args), **kwargs)
+    if sel.check and be.name != REFERENCE:
+        ref = OPS[op][REFERENCE](*(to_host(a) for a in args), **kwargs)
         got = to_host(out)
         where = f"{op} ({be.name}) after activation {tap.last_name()!r}"
         if got.shape != ref.shape:
