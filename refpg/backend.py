@@ -32,8 +32,10 @@ from refpg import tap
 from refpg.backends import REGISTRY
 from refpg.backends.base import OP_NAMES, Backend, to_host
 from refpg.errors import BackendError, BackendMismatch
+from refpg.formats import Format
 
 ALIASES = {"matmul": "linear"}
+WEIGHT_OPS = ("linear", "embedding")  # the ops that read weight matrices (refpg.formats.Matrix)
 REFERENCE = "numpy"  # the backend of refpg/ops.py: what check mode compares every other against
 BACKENDS: dict[str, Backend] = {b.name: b for b in REGISTRY}
 
@@ -83,14 +85,17 @@ def available(backend: str) -> list[str]:
     return [op for op in OP_NAMES if backend in OPS[op]]
 
 
-def parse_spec(spec: str | dict | None) -> dict[str, str]:
+def parse_spec(spec: str | dict | None, formats: frozenset[Format] = frozenset()) -> dict[str, str]:
     """'cpp' | 'matmul=cpp,attention=numpy' | {'matmul': 'cpp'} | None -> {op: backend} for every op.
 
-    Ops a mapping leaves out use `auto`. None reads REFPG_BACKEND, else `auto`.
+    Ops a mapping leaves out use `auto`. None reads REFPG_BACKEND, else `auto`. `formats`: weight
+    formats beyond float32 and bf16 the model's matrices come in (a quantized checkpoint); the
+    ops that read weights go to a backend that reads them (auto picks one, a named one that cannot
+    is an error).
     """
     if spec is None and os.environ.get("REFPG_BACKEND"):
         try:
-            return parse_spec(os.environ["REFPG_BACKEND"])
+            return parse_spec(os.environ["REFPG_BACKEND"], formats)
         except BackendError as e:
             raise BackendError(f"environment variable REFPG_BACKEND={os.environ['REFPG_BACKEND']!r}: {e}") from None
     if spec is None:
@@ -115,12 +120,18 @@ def parse_spec(spec: str | dict | None) -> dict[str, str]:
     for op, be in chosen.items():
         if be != "auto" and be not in BACKENDS:
             raise BackendError(f"unknown backend {be!r} for {op}; choose {', '.join(BACKENDS)} or auto")
+        needs = formats if op in WEIGHT_OPS else frozenset()
         if be == "auto":
-            chosen[op] = next(b.name for b in REGISTRY if b.auto and op in b.ops and b.name not in UNAVAILABLE)
+            chosen[op] = next(b.name for b in REGISTRY if b.auto and op in b.ops and b.name not in UNAVAILABLE
+                              and needs <= b.formats)
         elif be in UNAVAILABLE:
             raise BackendError(f"backend {be!r} for {op} is unavailable: {UNAVAILABLE[be]}")
         elif be not in OPS[op]:
             raise BackendError(f"backend {be!r} has no {op} kernel")
+        elif not needs <= BACKENDS[be].formats:
+            lacking = ", ".join(sorted(f.value for f in needs - BACKENDS[be].formats))
+            raise BackendError(f"backend {be!r} cannot read {lacking} weights in {op} (no kernel for them yet); "
+                               f"select numpy or auto for {op}")
     return chosen
 
 
@@ -140,13 +151,14 @@ class Selection:
         self.mixed = len({b.array_type for b in self.runs.values()}) > 1
 
     @classmethod
-    def from_spec(cls, spec: str | dict | None = None, check: bool | None = None) -> "Selection":
+    def from_spec(cls, spec: str | dict | None = None, check: bool | None = None,
+                  formats: frozenset[Format] = frozenset()) -> "Selection":
         if check is None:
             check = env_flag("REFPG_CHECK")
         for b in REGISTRY:  # a misconfigured environment is an error whatever is selected
             if b.environment_error():
                 raise BackendError(b.environment_error())
-        return cls(parse_spec(spec), bool(check))
+        return cls(parse_spec(spec, formats), bool(check))
 
     @property
     def reads_bf16(self) -> bool:

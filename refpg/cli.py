@@ -202,6 +202,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_DIVERGED if result.first_divergent else 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from refpg.model import print_progress
+    from refpg.quantize import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    counts = quantize_checkpoint(args.model, args.out, args.bits, args.group_size, progress=print_progress("quantizing"))
+    log(f"wrote {args.out}: {counts['quantized']} matrices as {args.bits}-bit codes in groups of {args.group_size} "
+        f"(MLX affine), {counts['kept']} tensors as they were; {counts['bytes'] / 2**20:.1f} MiB "
+        f"in {time.perf_counter() - t0:.1f} s")
+
+
 def cmd_conform(args: argparse.Namespace) -> int:
     """Run the conformance catalogue (or the checks on --model) against an implementation."""
     import json
@@ -332,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", default=None, metavar="FILE", help="write one record per activation, in order")
     x.add_argument("--plot", default=None, metavar="FILE.png", help="plot error per layer, log scale")
     x.set_defaults(run=cmd_diff)
+
+    q = sub.add_parser("quantize", help="write a checkpoint in MLX's affine 2-8-bit quantization (as mlx-vlm convert)",
+                       description="Quantizes the text model's matrices and embedding exactly as MLX's quantize and "
+                                   "mlx-vlm's convert do (same bytes); the vision tower and projector stay as they are. "
+                                   "The result loads in refpg and in mlx-vlm.")
+    q.add_argument("--model", required=True, metavar="DIR", help="the checkpoint to quantize (F32, BF16 or F16)")
+    q.add_argument("--bits", type=int, required=True, help="bits per weight: 4 or 8 (also 2, 3, 5, 6)")
+    q.add_argument("--group-size", type=int, default=64, help="weights sharing a scale and bias: 32, 64 (default) or 128")
+    q.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint directory (must not exist, or be empty)")
+    q.set_defaults(run=cmd_quantize)
 
     c = sub.add_parser("conform", help="check an implementation of PaliGemma against the reference, rule by rule",
                        description="Runs the conformance catalogue (tiny checkpoints + inputs, each exercising one rule "

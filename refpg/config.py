@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from refpg.errors import ConfigError
+from refpg.formats import AFFINE_BITS, AFFINE_GROUP_SIZES
 
 # Activations that are the tanh approximation of gelu, by the names configs use for it.
 # ("gelu" in a Gemma config is a legacy name for the tanh approximation; transformers maps it too.)
@@ -98,6 +99,22 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """config.json's "quantization" (mlx-community checkpoints): MLX's affine group quantization
+    (refpg.formats), `bits` per code in groups of `group_size`, for every quantized matrix unless
+    `overrides` gives its module (e.g. "language_model.model.layers.0.mlp.down_proj") its own
+    (bits, group_size) or None (left unquantized)."""
+
+    bits: int
+    group_size: int
+    overrides: tuple[tuple[str, tuple[int, int] | None], ...] = ()
+
+    def of(self, module: str) -> tuple[int, int] | None:
+        """(bits, group_size) of a module's matrix, or None when the config leaves it unquantized."""
+        return dict(self.overrides).get(module, (self.bits, self.group_size))
+
+
+@dataclass(frozen=True)
 class PaliGemmaConfig:
     vision: VisionConfig
     text: TextConfig
@@ -107,6 +124,7 @@ class PaliGemmaConfig:
     eos_token_id: int = 1
     bos_token_id: int = 2
     tie_word_embeddings: bool = True
+    quantization: Quantization | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -319,6 +337,7 @@ def config_from_dict(d) -> PaliGemmaConfig:
         eos_token_id=token_id("eos_token_id", 1),
         bos_token_id=token_id("bos_token_id", 2),
         tie_word_embeddings=top.boolean("tie_word_embeddings", True),
+        quantization=quantization_from_dict(top),
     )
     if cfg.projection_dim != text.hidden_size:
         raise ConfigError(f"projection_dim {cfg.projection_dim} differs from text_config.hidden_size "
@@ -327,6 +346,47 @@ def config_from_dict(d) -> PaliGemmaConfig:
         raise ConfigError(f"text_config.max_position_embeddings {text.max_position_embeddings} cannot hold the "
                           f"{cfg.num_image_tokens} image tokens + <bos> + a prompt")
     return cfg
+
+
+def quantization_from_dict(top: _Fields) -> Quantization | None:
+    """"quantization" (what MLX writes; "quantization_config" is its copy for transformers), or None.
+    Only MLX's affine mode is read; another scheme (bitsandbytes, GPTQ, AWQ, MLX's fp4/fp8 modes)
+    is a ConfigError naming it, not weights silently misread."""
+    key = "quantization" if top.has("quantization") else "quantization_config" if top.has("quantization_config") else None
+    if key is None:
+        return None
+    q = top.sub(key, {})
+    if q.has("quant_method"):
+        raise ConfigError(f"{q.name('quant_method')} = {_short(q.d['quant_method'])}: refpg reads MLX's affine "
+                          f"quantization (mlx-community checkpoints), not this scheme")
+    mode = q.string("mode", "affine")
+    if mode != "affine":
+        raise ConfigError(f"{q.name('mode')} = {_short(mode)}: refpg reads MLX's affine quantization only")
+
+    def bits_and_group(fields: _Fields) -> tuple[int, int]:
+        for key, allowed in (("bits", AFFINE_BITS), ("group_size", AFFINE_GROUP_SIZES)):
+            if not fields.has(key):
+                raise ConfigError(f"{fields.name(key)} is missing (MLX's affine quantization states it)")
+            if fields.int(key, 0, lo=0, hi=1 << 16) not in allowed:
+                raise fields._bad(key, f"is not one of {', '.join(map(str, allowed))} (MLX's affine quantization)")
+        return int(fields.d["bits"]), int(fields.d["group_size"])
+
+    bits, group_size = bits_and_group(q)
+    overrides = []
+    for module, value in q.d.items():
+        if module in ("bits", "group_size", "mode"):
+            continue
+        if value is False:
+            overrides.append((module, None))
+        elif isinstance(value, dict):
+            sub = q.sub(module, {})
+            if sub.string("mode", "affine") != "affine":
+                raise ConfigError(f"{sub.name('mode')}: refpg reads MLX's affine quantization only")
+            overrides.append((module, bits_and_group(sub)))
+        elif value is not True:
+            raise ConfigError(f"{q.name(module)} = {_short(value)}: a module's entry is an object with bits and "
+                              f"group_size, or false")
+    return Quantization(bits, group_size, tuple(overrides))
 
 
 def load_config(model_dir: str) -> PaliGemmaConfig:

@@ -12,6 +12,7 @@ import numpy as np
 from refpg.backend import Selection, embedding, use
 from refpg.config import PaliGemmaConfig, load_config
 from refpg.errors import InputError, integer
+from refpg.formats import Format
 from refpg.gemma import KVCache, decoder, logits
 from refpg.tap import tap
 from refpg.vision import project, vision_tower
@@ -59,10 +60,14 @@ class PaliGemma:
         matmul on cuda the weights are uploaded to the GPU here, once. check: run NumPy beside
         every other op and raise on disagreement (None reads REFPG_CHECK). weight_dtype: "float32",
         "bfloat16", or "auto" — bfloat16 when the checkpoint stores BF16 and matmul is not NumPy
-        (the native kernels read bf16 directly: half the memory traffic), else float32.
+        (the native kernels read bf16 directly: half the memory traffic), else float32. A quantized
+        checkpoint (MLX's affine format, config.json's "quantization") keeps its matrices as stored;
+        auto runs linear and embedding on a backend that reads them (NumPy until the kernels exist).
         """
-        selection = Selection.from_spec(backend, check)
+        selection = Selection.from_spec(backend, check)  # a bad selection fails before any file is read
         config = load_config(path)
+        if config.quantization:  # the matrices' ops go to a backend that reads quantized weights
+            selection = Selection.from_spec(backend, check, frozenset({Format.AFFINE}))
         if weight_dtype == "auto":
             # bf16 as stored only when matmul reads it so (NumPy would decode it on every call)
             weight_dtype = "auto" if selection.reads_bf16 else "float32"

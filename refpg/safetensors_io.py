@@ -29,6 +29,7 @@ _DTYPES = {
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
+    "U32": np.dtype("<u4"),  # MLX's packed quantization codes
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
@@ -139,3 +140,20 @@ class SafetensorsFile:
         if dtype in ("F16", "F64"):
             return raw.astype(np.float32)
         raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, expected a floating-point weight")
+
+
+def write_safetensors(path: str, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file: {name: (dtype name, array)}, the data tiled in name order."""
+    header, blobs, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name in sorted(tensors):
+        dtype, array = tensors[name]
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for blob in blobs:
+            f.write(blob)

@@ -1,9 +1,12 @@
 """Model weights: plain dataclasses of arrays, and the loader that fills them from a checkpoint.
 
-The loader accepts both tensor namings in the wild (the hub's `language_model.model.*` and newer
-transformers' `model.language_model.*`), a single `model.safetensors` or shards listed in
-`model.safetensors.index.json`, and F32/BF16/F16 tensors. Every tensor is checked against the
-shape the config implies; a missing, unexpected or mis-shaped tensor is an error naming it.
+The loader accepts the tensor namings in the wild (the hub's `language_model.model.*`, newer
+transformers' `model.language_model.*`, transformers 5's `vision_tower.*`), a single
+`model.safetensors` or shards listed in `model.safetensors.index.json`, F32/BF16/F16 tensors, and
+what MLX writes (mlx-community checkpoints): matrices in MLX's affine quantization (`X.weight`
+packed codes, `X.scales`, `X.biases`; refpg.formats) and the patch embedding channel-last
+[D, P, P, 3]. Every tensor is checked against the shape the config implies; a missing, unexpected
+or mis-shaped tensor is an error naming it.
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ def hub_name(name: str) -> str:
     return name
 
 
+def is_matrix(name: str, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether the tensor is a weight matrix (of a linear layer, or the embedding / LM head): the
+    tensors that may come in any weight format (refpg.formats)."""
+    return name == LM_HEAD or (len(shapes.get(name, ())) == 2 and not name.endswith("position_embedding.weight"))
+
+
 def expected_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, by hub name, with its shape (lm_head excluded: it is optional)."""
     v, t = cfg.vision, cfg.text
@@ -210,7 +219,9 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
     stored = open_checkpoint(model_dir)
     if matrix_dtype == "auto":  # keep a BF16 checkpoint's matrices as stored; otherwise float32
         embed = next((n for n in stored if hub_name(n) == TEXT + "embed_tokens.weight"), None)
-        matrix_dtype = "bfloat16" if embed is not None and stored[embed].dtype(embed) == "BF16" else "float32"
+        scales = next((n for n in stored if hub_name(n) == TEXT + "embed_tokens.scales"), None)
+        kind = stored[scales or embed].dtype(scales or embed) if embed is not None else None
+        matrix_dtype = "bfloat16" if kind == "BF16" else "float32"
     by_hub: dict[str, tuple[str, SafetensorsFile]] = {}
     for name, f in stored.items():
         if name.startswith(_IGNORED_PREFIXES) or hub_name(name).startswith(_IGNORED_PREFIXES):
@@ -221,11 +232,23 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
         by_hub[key] = (name, f)
 
     shapes = expected_shapes(cfg)
+    # MLX's quantized matrices: X.weight holds the codes, X.scales and X.biases the groups' affine maps
+    quantized = {n.rsplit(".", 1)[0] for n in by_hub if n.endswith((".scales", ".biases"))}
+    for module in sorted(quantized):
+        parts = [by_hub.get(module + suffix) for suffix in (".weight", ".scales", ".biases")]
+        if not is_matrix(module + ".weight", shapes):
+            name, f = next(p for p in parts if p)
+            raise CheckpointError(f"{f.path}: tensor {name!r}: the model has no matrix {module!r} to quantize")
+        if None in parts:
+            name, f = next(p for p in parts if p)
+            raise CheckpointError(f"{f.path}: {module!r} is quantized ({name!r}) but lacks "
+                                  f"{module}{('.weight', '.scales', '.biases')[parts.index(None)]}")
     missing = [n for n in shapes if n not in by_hub]
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) the config needs, "
                               f"e.g. {missing[0]!r}" + (f" (and {missing[1:4]})" if len(missing) > 1 else ""))
-    extra = [by_hub[n][0] for n in by_hub if n not in shapes and n != LM_HEAD]
+    extra = [by_hub[n][0] for n in by_hub if n not in shapes and n != LM_HEAD
+             and not (n.endswith((".scales", ".biases")) and n.rsplit(".", 1)[0] in quantized)]
     if extra:
         raise CheckpointError(f"{by_hub[hub_name(extra[0])][1].path}: unexpected tensor {extra[0]!r} "
                               f"({len(extra)} tensor(s) the config does not describe)")
@@ -237,7 +260,11 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
         nonlocal done
         name, f = by_hub[hub]
         want = shapes.get(hub) or (cfg.text.vocab_size, cfg.text.hidden_size)
-        if f.shape(name) != want:
+        if matrix and hub.endswith(".weight") and hub[:-len(".weight")] in quantized:
+            return affine(hub[:-len(".weight")], want[0], int(np.prod(want[1:])))
+        # MLX's convolution layout, [D, P, P, 3] for [D, 3, P, P]
+        transpose = len(want) == 4 and f.shape(name) == (want[0], *want[2:], want[1]) != want
+        if f.shape(name) != want and not transpose:
             raise CheckpointError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
                                   f"the config implies {list(want)}")
         stored = f.raw(name)
@@ -246,6 +273,8 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
                                   f"(a corrupt or diverged checkpoint)")
         fmt = Format.BF16 if matrix and matrix_dtype == "bfloat16" else Format.F32
         values = stored if fmt is Format.BF16 and f.dtype(name) == "BF16" else f.float32(name)
+        if transpose:
+            values = np.ascontiguousarray(values.transpose(0, 3, 1, 2))  # -> [D, 3, P, P]
         if matrix:  # the patch embedding's [D, 3, P, P] kernel as [D, 3·P·P]: the convolution as a matrix
             values = values.reshape(want[0], -1)
             arr = Matrix(values, fmt) if values.dtype == STORAGE_DTYPE[fmt] else encode(values, fmt)
@@ -259,6 +288,43 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
         if progress is not None:
             progress(done, total)
         return arr
+
+    def affine(module: str, rows: int, cols: int) -> Matrix:
+        """The quantized matrix `module` (MLX's layout), checked against the config and its shape."""
+        nonlocal done
+        (wname, wf), (sname, sf), (bname, bf) = (by_hub[module + s] for s in (".weight", ".scales", ".biases"))
+        if cfg.quantization is None:
+            raise CheckpointError(f"{sf.path}: tensor {sname!r} quantizes {module!r}, but config.json has no "
+                                  f"\"quantization\" saying how (bits, group_size)")
+        how = cfg.quantization.of(module)
+        if how is None:
+            raise CheckpointError(f"{sf.path}: tensor {sname!r} quantizes {module!r}, which config.json's "
+                                  f"\"quantization\" leaves unquantized")
+        bits, group_size = how
+        if cols % group_size:
+            raise CheckpointError(f"{wf.path}: {module!r} has {cols} columns, not a multiple of the group size "
+                                  f"{group_size} of config.json's \"quantization\"")
+        for name, f, dtypes, shape in ((wname, wf, ("U32",), (rows, cols * bits // 32)),
+                                       (sname, sf, ("F32", "BF16", "F16"), (rows, cols // group_size)),
+                                       (bname, bf, ("F32", "BF16", "F16"), (rows, cols // group_size))):
+            if f.dtype(name) not in dtypes or f.shape(name) != shape:
+                raise CheckpointError(f"{f.path}: tensor {name!r} is {f.dtype(name)} {list(f.shape(name))}; "
+                                      f"{bits}-bit codes in groups of {group_size} (config.json's \"quantization\") "
+                                      f"of a [{rows}, {cols}] matrix need {' or '.join(dtypes)} {list(shape)}")
+        if sf.dtype(sname) != bf.dtype(bname):
+            raise CheckpointError(f"{bf.path}: tensor {bname!r} is {bf.dtype(bname)}, its scales {sf.dtype(sname)}: "
+                                  f"MLX stores both in the model's dtype")
+        groups = []
+        for name, f in ((sname, sf), (bname, bf)):
+            raw = f.raw(name)
+            if not all_finite(raw):
+                raise CheckpointError(f"{f.path}: tensor {name!r} holds NaN or infinite values "
+                                      f"(a corrupt or diverged checkpoint)")
+            groups.append(Matrix(raw, {"F32": Format.F32, "BF16": Format.BF16, "F16": Format.F16}[f.dtype(name)]))
+        done += 3
+        if progress is not None:
+            progress(done, total)
+        return Matrix(wf.raw(wname), Format.AFFINE, bits, group_size, *groups)
 
     def linear(prefix: str, bias: bool = True) -> Linear:
         return Linear(get(prefix + ".weight", matrix=True), get(prefix + ".bias") if bias else None)

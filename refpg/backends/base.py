@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from refpg.formats import Matrix
+from refpg.formats import Format, Matrix
 
 # The ops the model calls through the dispatcher; each has its NumPy twin in refpg.ops.
 OP_NAMES = ("linear", "layer_norm", "rms_norm", "gelu_tanh", "geglu", "softcap", "rope", "attention", "embedding")
@@ -39,6 +39,7 @@ class Backend:
     array_type: type = np.ndarray  # what its kernels return
     auto: bool = True  # `auto` may pick it (in registry order) when it is available
     reads_bf16: bool = False  # its linear and embedding read bf16 matrices as stored: load keeps them so
+    formats: frozenset[Format] = frozenset({Format.F32, Format.BF16})  # what its linear and embedding read
     tolerance: dict[str, float] = {}  # op -> NMSE bound where it computes differently from NumPy
 
     def unavailable(self) -> str | None:

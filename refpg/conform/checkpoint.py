@@ -13,13 +13,13 @@ import json
 import math
 import os
 import shutil
-import struct
 
 import numpy as np
 
 from refpg import DEMO_MODEL
 from refpg.config import config_from_dict
 from refpg.formats import f32_to_bf16
+from refpg.safetensors_io import write_safetensors
 from refpg.weights import LM_HEAD, PROJECTOR, TEXT, VISION, expected_shapes
 
 VOCAB = 1685          # the demo tokenizer's 1621 pieces, <image> = 1621, and padding rows up to 1685
@@ -62,23 +62,6 @@ def random_weights(config: dict, seed: int, scale: dict[str, float] | None = Non
                 w = w * factor
         out[name] = w.astype(np.float32)
     return out
-
-
-def write_safetensors(path: str, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
-    """A safetensors file: {name: (dtype name, array)}, the data tiled in name order."""
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
-        dtype, array = tensors[name]
-        data = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for blob in blobs:
-            f.write(blob)
 
 
 def write_checkpoint(out_dir: str, config: dict, seed: int = 0, dtype: str = "F32", naming: str = "hub",

@@ -1,0 +1,346 @@
+"""MLX's affine quantization (mlx-community checkpoints): the format in NumPy, its loading, and
+`refpg quantize`, each held to MLX itself.
+
+With mlx + mlx-vlm installed (`pip install "refpg[conform]"`; CI sets REFPG_REQUIRE_MLX=1, which turns
+their skip into a failure): refpg.formats dequantizes and quantizes bit for bit as mlx.core does, for
+every bit width, group size and scale dtype; a checkpoint written by mlx-vlm's convert loads and
+gives the logits of mlx-vlm's own dequantization of it, exactly; `refpg quantize` writes the bytes
+mlx-vlm's convert writes, and mlx-vlm loads them. Without MLX: the properties of the format, the
+loader's and the CLI's errors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from refpg import PaliGemma, backend
+from refpg.conform.cases import tiny_config
+from refpg.conform.checkpoint import write_checkpoint
+from refpg.errors import BackendError, CheckpointError, ConfigError
+from refpg.formats import (AFFINE_BITS, AFFINE_GROUP_SIZES, Format, Matrix, encode, f32_to_bf16, pack_codes, quantize,
+                           round_to, to_float32, unpack_codes)
+from refpg.ops import embedding
+from refpg.safetensors_io import SafetensorsFile, write_safetensors
+
+F32 = np.float32
+SCALE_FORMATS = (Format.F32, Format.BF16, Format.F16)
+MLX_DTYPE = {Format.F32: "float32", Format.BF16: "bfloat16", Format.F16: "float16"}
+
+
+def require(module: str):
+    """The module; where it cannot be imported a skip — or a failure when REFPG_REQUIRE_MLX is set."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("REFPG_REQUIRE_MLX"):
+            pytest.fail(f"REFPG_REQUIRE_MLX is set but {module} does not import: {e}")
+        pytest.skip(f"{module} is not installed (pip install \"refpg[conform]\"): {e}")
+
+
+def weights(rng, rows=12, cols=256) -> np.ndarray:
+    """Rows of very different magnitudes, and groups that are all zero, constant, or one-sided."""
+    w = (rng.standard_normal((rows, cols)) * rng.choice([1e-9, 1e-3, 1.0, 60.0], (rows, 1))).astype(F32)
+    w[0, :32] = 0
+    w[1, :32] = 3.0
+    w[2, :32] = np.abs(w[2, :32])
+    w[3, :32] = -np.abs(w[3, :32])
+    return w
+
+
+def tiny(tmp_path, name="tiny", dtype="BF16", **text) -> str:
+    """A tiny checkpoint whose text matrices split into groups of 32 and 64 (intermediate 128)."""
+    return write_checkpoint(str(tmp_path / name), tiny_config(text={"intermediate_size": 128, **text}), seed=3, dtype=dtype)
+
+
+def inputs(model: PaliGemma, seed=0):
+    rng = np.random.default_rng(seed)
+    n = model.config.num_image_tokens
+    ids = np.concatenate([np.full((1, n), model.config.image_token_index), [[2]], rng.integers(6, 1600, (1, 7))], 1)
+    types = np.zeros_like(ids)
+    types[:, -3:] = 1  # a suffix: prefix-LM attention
+    return ids, rng.standard_normal((1, 3, 32, 32)).astype(F32), types
+
+
+def logits(model: PaliGemma, seed=0) -> np.ndarray:
+    ids, pixels, types = inputs(model, seed)
+    return model(ids, pixels, token_type_ids=types)
+
+
+# ---- the format, without MLX ------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+def test_codes_pack_into_a_little_endian_bit_stream_and_back(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, (5, 128)).astype(np.uint32)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint32 and packed.shape == (5, 128 * bits // 32)
+    np.testing.assert_array_equal(unpack_codes(packed, bits), codes)
+    # element i occupies bits [i·bits, (i+1)·bits) of the row's little-endian bit stream
+    stream = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")
+    i = 37
+    assert int("".join(map(str, stream[2, i * bits:(i + 1) * bits][::-1])), 2) == codes[2, i]
+
+
+@pytest.mark.parametrize("fmt", SCALE_FORMATS)
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 64), (5, 128), (6, 32), (8, 128)])
+def test_dequantized_values_lie_within_half_a_step_of_the_originals(bits, group_size, fmt):
+    """Away from the ends of the code range: MLX moves the scale so that the group's edge (its min or
+    max, whichever is larger in magnitude) is exact, which can push values at the other end past
+    the last code, where they are clipped (exactness is tested against MLX below)."""
+    x = round_to(weights(np.random.default_rng(bits)), fmt)
+    m = quantize(x, bits, group_size, fmt)
+    assert m.shape == x.shape and m.scales.format is fmt and m.scales.shape == (12, 256 // group_size)
+    step = np.repeat(np.abs(to_float32(m.scales)), group_size, axis=1)
+    err = np.abs(to_float32(m) - x)
+    # half a step, plus the roundings of the scale, the bias and q·s + b to the scales' dtype
+    slack = {Format.F32: 1e-5, Format.BF16: 2 ** -6, Format.F16: 2 ** -9}[fmt] * (np.abs(x) + step * (1 << bits))
+    codes = unpack_codes(m.data, bits)
+    inner = (codes > 0) & (codes < (1 << bits) - 1)
+    assert inner.mean() > 0.2  # 2 bits: two inner codes of four
+    assert (err <= step / 2 + slack)[inner].all()
+
+
+def test_an_affine_matrix_reads_rows_and_says_its_bytes():
+    x = weights(np.random.default_rng(0))
+    m = quantize(x, 4, 64, Format.BF16)
+    assert m.nbytes == 12 * 256 // 2 + 2 * 12 * 4 * 2  # codes + bf16 scales and biases
+    ids = np.array([[3, 0], [11, 3]])
+    np.testing.assert_array_equal(embedding(m, ids), to_float32(m)[ids])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(bits=7), "bits"), (dict(group_size=16), "group sizes"),
+    (dict(scales_shape=(12, 3)), "scales"), (dict(scale_format=Format.AFFINE), "scales"),
+])
+def test_a_malformed_affine_matrix_is_refused(bad, message):
+    m = quantize(weights(np.random.default_rng(0)), 4, 64)
+    scales = m.scales
+    if "scales_shape" in bad:
+        scales = Matrix(np.ones(bad["scales_shape"], F32))
+    if "scale_format" in bad:
+        scales = m
+    with pytest.raises((ValueError, TypeError), match=message):
+        Matrix(m.data, Format.AFFINE, bad.get("bits", 4), bad.get("group_size", 64), scales, m.biases)
+
+
+# ---- config.json ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"bits": 4, "group_size": 64, "mode": "mxfp4"}, "affine"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method"),
+    ({"bits": 7, "group_size": 64}, "bits = 7"),
+    ({"bits": 4, "group_size": 48}, "group_size = 48"),
+    ({"bits": 4}, "group_size is missing"),
+    ({"bits": 4, "group_size": 64, "language_model.model.layers.0.mlp.down_proj": 8}, "down_proj"),
+])
+def test_a_quantization_refpg_cannot_read_is_a_config_error(quantization, message):
+    from refpg.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**tiny_config(), "quantization": quantization})
+
+
+def test_per_module_quantization_overrides_are_read():
+    from refpg.config import config_from_dict
+
+    q = config_from_dict({**tiny_config(), "quantization": {
+        "bits": 4, "group_size": 64, "language_model.model.layers.0.mlp.down_proj": {"bits": 8, "group_size": 32},
+        "language_model.model.embed_tokens": False}}).quantization
+    assert q.of("language_model.model.layers.1.mlp.down_proj") == (4, 64)
+    assert q.of("language_model.model.layers.0.mlp.down_proj") == (8, 32)
+    assert q.of("language_model.model.embed_tokens") is None
+
+
+# ---- refpg quantize, and loading what it writes ------------------------------------------------
+
+def test_refpg_quantize_writes_a_checkpoint_that_loads_and_stays_close(tmp_path):
+    src = tiny(tmp_path)
+    result = run_cli("quantize", "--model", src, "--bits", "8", "--group-size", "32", "--out", str(tmp_path / "q8"))
+    assert result.returncode == 0, result.stderr
+    assert "22 matrices as 8-bit codes in groups of 32" in result.stderr
+    with open(tmp_path / "q8" / "config.json") as f:
+        assert json.load(f)["quantization"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert os.path.isfile(tmp_path / "q8" / "tokenizer.model")
+    q8 = PaliGemma.from_pretrained(str(tmp_path / "q8"), backend="numpy")
+    w = q8.weights.text
+    assert w.embed_tokens.format is Format.AFFINE and w.lm_head is w.embed_tokens
+    assert w.layers[0].down_proj.weight.format is Format.AFFINE and w.layers[0].down_proj.weight.bits == 8
+    assert q8.weights.vision.layers[0].fc1.weight.format is not Format.AFFINE  # the vision tower stays
+    original = PaliGemma.from_pretrained(src, backend="numpy")
+    np.testing.assert_array_equal(q8.weights.vision.patch_embedding.weight.data,
+                                  original.weights.vision.patch_embedding.weight.data)  # written channel-last, read back
+    ref = logits(original)
+    err = np.abs(logits(q8) - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err  # 8 bits in groups of 32: about 1 % here
+
+
+def test_a_quantized_checkpoint_runs_its_matrices_on_a_backend_that_reads_them(tmp_path):
+    src = tiny(tmp_path)
+    run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4"))
+    model = PaliGemma.from_pretrained(str(tmp_path / "q4"))  # auto
+    assert model.selection.backends["linear"] == "numpy" and model.selection.backends["embedding"] == "numpy"
+    if "cpp" not in backend.UNAVAILABLE:
+        assert model.selection.backends["attention"] == "cpp"
+        with pytest.raises(BackendError, match="cpp.*cannot read mlx-affine weights in linear"):
+            PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="cpp")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--bits", "7"), "--bits 7"), (("--bits", "4", "--group-size", "48"), "--group-size 48"),
+])
+def test_refpg_quantize_refuses_bad_flags_on_one_line(tmp_path, args, needle):
+    src = tiny(tmp_path)
+    assert_one_line_error(run_cli("quantize", "--model", src, *args, "--out", str(tmp_path / "out")), needle)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_refpg_quantize_refuses_a_quantized_model_and_a_used_output(tmp_path):
+    src = tiny(tmp_path)
+    assert run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4")).returncode == 0
+    assert_one_line_error(run_cli("quantize", "--model", str(tmp_path / "q4"), "--bits", "4", "--out",
+                                  str(tmp_path / "again")), "already quantized")
+    assert_one_line_error(run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4")),
+                          "not an empty directory")
+
+
+def rewrite(model_dir: str, change) -> None:
+    """Rewrite model.safetensors with change(tensors: {name: (dtype, array)})."""
+    path = os.path.join(model_dir, "model.safetensors")
+    f = SafetensorsFile(path)
+    tensors = {n: (f.dtype(n), np.array(f.raw(n))) for n in f.keys()}
+    change(tensors)
+    write_safetensors(path, tensors)
+
+
+QPROJ = "language_model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop(QPROJ + ".biases"), "lacks language_model.model.layers.0.self_attn.q_proj.biases"),
+    (lambda t: t.update({QPROJ + ".scales": ("F32", t[QPROJ + ".scales"][1].astype(F32))}), "its scales|MLX stores both"),
+    (lambda t: t.update({QPROJ + ".weight": ("U32", t[QPROJ + ".weight"][1][:, :4].copy())}), "need U32 \\[64, 8\\]"),
+    (lambda t: t.update({QPROJ + ".scales": ("BF16", np.full_like(t[QPROJ + ".scales"][1], 0x7FC0))}), "NaN"),
+    (lambda t: t.update({"language_model.model.norm.scales": ("BF16", np.zeros((64, 1), np.uint16))}),
+     "no matrix 'language_model.model.norm'"),
+])
+def test_a_malformed_quantized_checkpoint_is_an_error_naming_the_tensor(tmp_path, change, message):
+    src = tiny(tmp_path)
+    run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4"))
+    rewrite(str(tmp_path / "q4"), change)
+    with pytest.raises(CheckpointError, match=message):
+        PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="numpy")
+
+
+def test_scales_without_a_quantization_in_config_json_are_an_error(tmp_path):
+    src = tiny(tmp_path)
+    run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4"))
+    with open(tmp_path / "q4" / "config.json") as f:
+        config = json.load(f)
+    del config["quantization"], config["quantization_config"]
+    with open(tmp_path / "q4" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointError, match='config.json has no "quantization"'):
+        PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="numpy")
+
+
+# ---- held to MLX ------------------------------------------------------------------------------
+
+def mlx_matrix(mx, q, s, b, bits, group_size, fmt) -> Matrix:
+    """MLX's (codes, scales, biases) as a refpg Matrix (bf16 as its bits)."""
+    def part(a):
+        if fmt is Format.BF16:
+            return Matrix(np.array(a.view(mx.uint16)), fmt)
+        return Matrix(np.array(a), fmt)
+    return Matrix(np.array(q), Format.AFFINE, bits, group_size, part(s), part(b))
+
+
+@pytest.mark.parametrize("fmt", SCALE_FORMATS, ids=lambda f: f.value)
+def test_dequantization_equals_mlx_bit_for_bit(fmt):
+    mx = require("mlx.core")
+    rng = np.random.default_rng(1)
+    for bits in AFFINE_BITS:
+        for group_size in AFFINE_GROUP_SIZES:
+            w = mx.array(weights(rng)).astype(getattr(mx, MLX_DTYPE[fmt]))
+            q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+            theirs = np.array(mx.dequantize(q, s, b, group_size=group_size, bits=bits).astype(mx.float32))
+            ours = to_float32(mlx_matrix(mx, q, s, b, bits, group_size, fmt))
+            np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32), err_msg=f"{bits} bits, {group_size}")
+
+
+@pytest.mark.parametrize("fmt", SCALE_FORMATS, ids=lambda f: f.value)
+def test_quantization_equals_mlx_bit_for_bit(fmt):
+    mx = require("mlx.core")
+    rng = np.random.default_rng(2)
+    for bits in AFFINE_BITS:
+        for group_size in AFFINE_GROUP_SIZES:
+            w = mx.array(weights(rng)).astype(getattr(mx, MLX_DTYPE[fmt]))
+            theirs = mlx_matrix(mx, *mx.quantize(w, group_size=group_size, bits=bits), bits, group_size, fmt)
+            ours = quantize(np.array(w.astype(mx.float32)), bits, group_size, fmt)
+            for part in ("data", "scales", "biases"):
+                a, b = getattr(ours, part), getattr(theirs, part)
+                a, b = (a.data, b.data) if part != "data" else (a, b)
+                assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{bits} bits, groups of {group_size}: {part}"
+
+
+@pytest.fixture(scope="module")
+def mlx_converted(tmp_path_factory):
+    """A tiny BF16 checkpoint, quantized by mlx-vlm's convert to 4 bits (groups of 64) and 8 bits
+    (groups of 32), and the 4-bit one dequantized again by mlx-vlm."""
+    require("mlx.core")
+    convert = require("mlx_vlm.convert").convert
+    root = tmp_path_factory.mktemp("mlx")
+    src = tiny(root)
+    out = {"src": src}
+    for bits, group_size in ((4, 64), (8, 32)):
+        out[bits] = str(root / f"mlx-q{bits}")
+        convert(src, out[bits], quantize=True, q_group_size=group_size, q_bits=bits)
+    out["deq"] = str(root / "mlx-deq")
+    convert(out[4], out["deq"], dequantize=True)
+    return out
+
+
+def test_a_checkpoint_mlx_vlm_quantized_gives_the_logits_of_its_dequantization(mlx_converted):
+    """mlx-vlm's own dequantization written out as a plain checkpoint is the model a quantized one
+    stands for: refpg's logits on the two are the same floats."""
+    quantized = PaliGemma.from_pretrained(mlx_converted[4], backend="numpy")
+    assert quantized.weights.text.layers[0].q_proj.weight.format is Format.AFFINE
+    dequantized = PaliGemma.from_pretrained(mlx_converted["deq"], backend="numpy")
+    assert dequantized.weights.text.layers[0].q_proj.weight.format is not Format.AFFINE
+    for seed in (0, 1):
+        np.testing.assert_array_equal(logits(quantized, seed), logits(dequantized, seed))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_refpg_quantize_writes_the_bytes_mlx_vlm_convert_writes(mlx_converted, tmp_path, bits):
+    group_size = {4: 64, 8: 32}[bits]
+    ours = str(tmp_path / "ours")
+    result = run_cli("quantize", "--model", mlx_converted["src"], "--bits", str(bits), "--group-size", str(group_size),
+                     "--out", ours)
+    assert result.returncode == 0, result.stderr
+    a = SafetensorsFile(os.path.join(ours, "model.safetensors"))
+    b = SafetensorsFile(os.path.join(mlx_converted[bits], "model.safetensors"))
+    assert sorted(a.keys()) == sorted(b.keys())
+    for name in b.keys():
+        assert (a.dtype(name), a.shape(name)) == (b.dtype(name), b.shape(name)), name
+        assert a.raw(name).tobytes() == b.raw(name).tobytes(), name
+    for path in (ours, mlx_converted[bits]):
+        with open(os.path.join(path, "config.json")) as f:
+            assert json.load(f)["quantization"] == {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+
+def test_mlx_vlm_loads_what_refpg_quantize_writes(tmp_path):
+    require("mlx.core")
+    utils = require("mlx_vlm.utils")
+    from pathlib import Path
+
+    src = tiny(tmp_path, dtype="F32")
+    assert run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4")).returncode == 0
+    model = utils.load_model(Path(tmp_path / "q4"))
+    assert type(model.language_model.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    assert type(model.language_model.model.embed_tokens).__name__ == "QuantizedEmbedding"
