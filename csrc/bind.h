@@ -25,12 +25,14 @@ namespace py = pybind11;
 void bind_cpu(py::module_& m);   // the CPU kernels, into _C itself
 void bind_cuda(py::module_& c);  // the GPU kernels and device tensors, into _C.cuda (CUDA builds only)
 
-enum class DType { F32, BF16, I64, BOOL };  // BF16 travels as numpy uint16 bit patterns
+enum class DType { F32, BF16, F16, U32, I64, BOOL };  // BF16 travels as numpy uint16 bit patterns
 
 inline const char* dtype_name(DType d) {
   switch (d) {
     case DType::F32: return "float32";
     case DType::BF16: return "bfloat16 (as uint16 bits)";
+    case DType::F16: return "float16";
+    case DType::U32: return "uint32";
     case DType::I64: return "int64";
     case DType::BOOL: return "bool";
   }
@@ -41,6 +43,8 @@ inline bool has_dtype(const py::array& a, DType d) {
   switch (d) {
     case DType::F32: return a.dtype().is(py::dtype::of<float>());
     case DType::BF16: return a.dtype().is(py::dtype::of<uint16_t>());
+    case DType::F16: return a.dtype().is(py::dtype("float16"));
+    case DType::U32: return a.dtype().is(py::dtype::of<uint32_t>());
     case DType::I64: return a.dtype().is(py::dtype::of<int64_t>());
     case DType::BOOL: return a.dtype().is(py::dtype::of<bool>());
   }

@@ -7,6 +7,7 @@
 
 #include "bind.h"
 #include "cpu/activations.h"
+#include "cpu/affine.h"
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
 #include "cpu/embedding.h"
@@ -133,6 +134,86 @@ void bind_linear(py::module_& m) {
       py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
       "y[M, N] = x[M, K] @ weight[N, K].T (+ bias[N]); weight float32 or bf16 bits (uint16), fp32 "
       "accumulation; writes into `out` when given. Twin of refpg.ops.linear.");
+}
+
+// An MLX affine matrix [rows, cols]: codes [rows, cols·bits/32] uint32, scales and biases
+// [rows, cols/group_size] of one dtype (float32, bf16 bits as uint16, float16), all C-contiguous.
+AffineWeight affine_arg(const std::string& op, const py::array& codes, const py::array& scales,
+                        const py::array& biases, const py::object& bits_arg, const py::object& group_arg,
+                        int64_t cols) {
+  const int bits = Arg::integer_at_most(op, "bits", bits_arg, 8, "");
+  const int group_size = Arg::integer_at_most(op, "group_size", group_arg, 128, "");
+  if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (cols % group_size) fail(op, std::to_string(cols) + " columns do not split into groups of " + std::to_string(group_size));
+  const int64_t rows = check_array(op, "codes", codes, {DType::U32}, {-1, cols * bits / 32})[0];
+  check_contiguous(op, "codes", codes);
+  check_array(op, "scales", scales, {DType::F32, DType::BF16, DType::F16}, {rows, cols / group_size});
+  check_contiguous(op, "scales", scales);
+  check_array(op, "biases", biases, {DType::F32, DType::BF16, DType::F16}, {rows, cols / group_size});
+  check_contiguous(op, "biases", biases);
+  if (!scales.dtype().is(biases.dtype())) fail(op, "biases must have the dtype of scales");
+  const WeightFormat f = has_dtype(scales, DType::F16) ? WeightFormat::F16 : Arg::format(scales);
+  return AffineWeight{static_cast<const uint32_t*>(codes.data()), scales.data(), biases.data(), f, bits, group_size};
+}
+
+void bind_affine(py::module_& m) {
+  m.def(
+      "linear_affine",
+      [](const py::object& x_arg, const py::object& codes_arg, const py::object& scales_arg,
+         const py::object& biases_arg, const py::object& bits, const py::object& group_size,
+         const py::object& bias_arg) {
+        const std::string op = "linear_affine";
+        const py::array x = Arg::array(op, "x", x_arg);
+        const auto xs = check_array(op, "x", x, {DType::F32}, {-1, -1});
+        check_inner_contiguous(op, "x", x, 1);
+        const int64_t M = xs[0], K = xs[1];
+        const py::array codes = Arg::array(op, "codes", codes_arg), scales = Arg::array(op, "scales", scales_arg),
+                        biases = Arg::array(op, "biases", biases_arg);
+        const AffineWeight w = affine_arg(op, codes, scales, biases, bits, group_size, K);
+        const int64_t N = codes.shape(0);
+        std::optional<py::array> bias;
+        if (!bias_arg.is_none()) bias = Arg::vec(op, "bias", bias_arg, N);
+        const float* pb = bias ? Arg::f32(*bias) : nullptr;
+        return run_into_new(op, {M, N}, [&](float* y, SimdPath path) {
+          linear_affine(LinearArgs{Arg::f32(x), elem_stride(x, 0), nullptr, WeightFormat::Affine, pb, y, N, M, N, K},
+                        w, path);
+        });
+      },
+      py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("biases"), py::arg("bits"), py::arg("group_size"),
+      py::arg("bias") = py::none(),
+      "y[M, N] = x[M, K] @ W.T (+ bias[N]), W [N, K] in MLX's affine quantization (codes uint32 "
+      "[N, K·bits/32], scales and biases [N, K/group_size] float32, bf16 bits or float16). Twin of "
+      "refpg.ops.linear on an AFFINE refpg.formats.Matrix.");
+  m.def(
+      "embedding_affine",
+      [](const py::object& codes_arg, const py::object& scales_arg, const py::object& biases_arg,
+         const py::object& bits, const py::object& group_size, const py::object& ids_arg) {
+        const std::string op = "embedding_affine";
+        const py::array codes = Arg::array(op, "codes", codes_arg), scales = Arg::array(op, "scales", scales_arg),
+                        biases = Arg::array(op, "biases", biases_arg);
+        check_array(op, "codes", codes, {DType::U32}, {-1, -1});
+        const int b = Arg::integer_at_most(op, "bits", bits, 8, "");
+        if (b < 2 || b == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(b));
+        const int64_t D = codes.shape(1) * 32 / b;
+        const AffineWeight w = affine_arg(op, codes, scales, biases, bits, group_size, D);
+        const py::array ids = Arg::dense(op, "ids", ids_arg, {DType::I64}, 0);
+        const int64_t V = codes.shape(0), n = ids.size();
+        const int64_t* id = static_cast<const int64_t*>(ids.data());
+        for (int64_t i = 0; i < n; ++i)
+          if (id[i] < 0 || id[i] >= V)
+            fail(op, "ids holds " + std::to_string(id[i]) + " (flat index " + std::to_string(i) +
+                         "), outside the table's rows [0, " + std::to_string(V) + ")");
+        auto shape = Arg::shape(ids);
+        shape.push_back(D);
+        return run_into_new(op, shape, [&](float* out, SimdPath path) {
+          if (n * D > 0) embedding_affine(w, D, id, n, out, path);
+        });
+      },
+      py::arg("codes"), py::arg("scales"), py::arg("biases"), py::arg("bits"), py::arg("group_size"), py::arg("ids"),
+      "the exact float32 rows at int64 ids of a table in MLX's affine quantization -> [*ids.shape, D]. Twin of "
+      "refpg.ops.embedding on an AFFINE refpg.formats.Matrix.");
 }
 
 void bind_norms(py::module_& m) {
@@ -307,6 +388,7 @@ void bind_cpu(py::module_& m) {
   bind_simd(m);
   bind_threads(m);
   bind_linear(m);
+  bind_affine(m);
   bind_norms(m);
   bind_activations(m);
   bind_rope_embedding(m);

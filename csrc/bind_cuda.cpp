@@ -76,6 +76,8 @@ struct Dev {
     switch (d) {
       case DType::F32: return py::dtype::of<float>();
       case DType::BF16: return py::dtype::of<uint16_t>();
+      case DType::F16: return py::dtype("float16");
+      case DType::U32: return py::dtype::of<uint32_t>();
       case DType::I64: return py::dtype::of<int64_t>();
       case DType::BOOL: return py::dtype::of<bool>();
     }

@@ -32,7 +32,7 @@ from refpg import tap
 from refpg.backends import REGISTRY
 from refpg.backends.base import OP_NAMES, Backend, to_host
 from refpg.errors import BackendError, BackendMismatch
-from refpg.formats import Format
+from refpg.formats import Format, Matrix
 
 ALIASES = {"matmul": "linear"}
 WEIGHT_OPS = ("linear", "embedding")  # the ops that read weight matrices (refpg.formats.Matrix)
@@ -50,9 +50,11 @@ TOLERANCE = {
 }
 
 
-def tolerance(op: str, backend: str) -> float:
-    """The check-mode / op-table bound on NMSE for `op` run by `backend` against NumPy."""
-    return BACKENDS[backend].tolerance.get(op, TOLERANCE[op])
+def tolerance(op: str, backend: str, weight_format: Format | None = None) -> float:
+    """The check-mode / op-table bound on NMSE for `op` run by `backend` against NumPy (on weights
+    of `weight_format`, for the ops that read them)."""
+    own = BACKENDS[backend].tolerance
+    return own.get((op, weight_format), own.get(op, TOLERANCE[op]))
 
 
 OPS: dict[str, dict[str, Callable]] = {op: {b.name: b.ops[op] for b in REGISTRY if op in b.ops} for op in OP_NAMES}
@@ -207,10 +209,15 @@ def _call(op: str, *args, **kwargs):
             raise BackendMismatch(f"{where}: shape {got.shape}, numpy gives {ref.shape}")
         if (np.isfinite(got) != np.isfinite(ref)).any():  # NaN/Inf mismatches fail before any error is measured
             raise BackendMismatch(f"{where}: NaN/Inf where numpy has a finite value, or the reverse")
-        err = nmse(got, ref)
-        if err > tolerance(op, be.name):
-            raise BackendMismatch(f"{where} differs from numpy: NMSE {err:.2e} > {tolerance(op, be.name):.0e}")
+        err, tol = nmse(got, ref), tolerance(op, be.name, weight_format(args))
+        if err > tol:
+            raise BackendMismatch(f"{where} differs from numpy: NMSE {err:.2e} > {tol:.0e}")
     return out
+
+
+def weight_format(args) -> Format | None:
+    """The format of the weight matrix among an op's arguments, if it has one."""
+    return next((a.format for a in args if isinstance(a, Matrix)), None)
 
 
 def zeros_beside(x, shape: tuple[int, ...]):

@@ -18,7 +18,8 @@ from conftest import require_cuda_or_skip, run_python, simd_path, simd_paths_her
 
 from refpg import backend
 from refpg.backends.cuda import DeviceArray
-from refpg.formats import Format, Matrix, bf16_to_f32, encode, f32_to_bf16
+from refpg.formats import (AFFINE_BITS, AFFINE_GROUP_SIZES, Format, Matrix, bf16_to_f32, encode, f32_to_bf16,
+                           quantize)
 from refpg.gemma import prefix_lm_mask
 from refpg.ops import rope_cos_sin
 
@@ -160,6 +161,30 @@ for V, D, bf16 in [(1, 1, False), (50, 7, False), (1000, 64, True)]:
         return (encode(table, Format.BF16 if bf16 else Format.F32), rng.integers(0, V, (2, 5)))
     CASES.append(("embedding", f"V{V}-D{D}-{'bf16' if bf16 else 'f32'}", build))
 
+# MLX's affine quantization (refpg.formats): weights quantized exactly as mlx.core.quantize does
+def affine_linear_case(M, K, N, bits, group_size, fmt=Format.BF16, bias=True):
+    def build():
+        w = quantize(randn(N, K, scale=K ** -0.5), bits, group_size, fmt)
+        return (randn(M, K), w, randn(N) if bias else None)
+    return build
+
+
+for bits in AFFINE_BITS:
+    CASES.append(("linear", f"affine{bits}-g64-bf16-M1-K256-N37", affine_linear_case(1, 256, 37, bits, 64)))
+    CASES.append(("linear", f"affine{bits}-g32-bf16-M9-K96-N20", affine_linear_case(9, 96, 20, bits, 32)))
+for bits in (4, 8):  # the widths with vector code: every group size and scale dtype, decode and prefill
+    for group_size in AFFINE_GROUP_SIZES:
+        for fmt in (Format.F32, Format.BF16, Format.F16):
+            CASES.append(("linear", f"affine{bits}-g{group_size}-{fmt.value}-M1-K384-N33",
+                          affine_linear_case(1, 384, 33, bits, group_size, fmt, bias=False)))
+    for M in (2, 8, 40):
+        CASES.append(("linear", f"affine{bits}-g64-bf16-M{M}-K2048-N257", affine_linear_case(M, 2048, 257, bits, 64)))
+    CASES.append(("linear", f"affine{bits}-g128-f32-M300-K512-N300", affine_linear_case(300, 512, 300, bits, 128, Format.F32)))
+for bits, fmt in [(4, Format.BF16), (8, Format.F32), (3, Format.F16), (6, Format.BF16)]:
+    def build(bits=bits, fmt=fmt):
+        return (quantize(randn(40, 128), bits, 32, fmt), rng.integers(0, 40, (2, 7)))
+    CASES.append(("embedding", f"affine{bits}-g32-{fmt.value}-V40-D128", build))
+
 OTHER_BACKENDS = ("cpp", "cuda")
 
 
@@ -196,6 +221,9 @@ def test_op_matches_numpy_reference(be, op, case, build, request):
     global rng
     rng = case_rng(op, case)
     args = build()
+    fmt = backend.weight_format(args)
+    if fmt is not None and fmt not in backend.BACKENDS[be].formats:
+        pytest.skip(f"{be} has no {op} kernel for {fmt.value} weights")
     ref = backend.OPS[op]["numpy"](*args)
     with simd_path(path) if path else contextlib.nullcontext():
         out = backend.OPS[op][be](*args)
@@ -204,7 +232,7 @@ def test_op_matches_numpy_reference(be, op, case, build, request):
     assert out.shape == ref.shape and out.dtype == np.float32
     assert (np.isfinite(out) == np.isfinite(ref)).all(), "NaN/Inf where the reference has none (or the reverse)"
     # the fake runs the same NumPy op: only BLAS blocking differs (a [2, 5, K] batch goes as [10, K])
-    err, tol = backend.nmse(out, ref), 1e-12 if fake else backend.tolerance(op, be)
+    err, tol = backend.nmse(out, ref), 1e-12 if fake else backend.tolerance(op, be, fmt)
     assert err <= tol, f"{op} {case} on {be}: NMSE {err:.2e} > {tol:.0e}"
 
 
@@ -302,6 +330,13 @@ def test_linear_propagates_inf_and_nan_like_numpy(M, bf16):
             assert backend.nmse(out[finite], ref[finite]) < 1e-9, f"{path}, {what}"
 
 
+def affine_parts(rows, cols, bits, group_size, scales=None, biases=F32):
+    """(codes, scales, biases) of an MLX affine matrix, the scales' shape or the biases' dtype changeable."""
+    groups = scales or (rows, cols // group_size)
+    return (np.zeros((rows, cols * bits // 32), np.uint32), np.ones(groups, F32),
+            np.zeros((rows, cols // group_size), biases))
+
+
 @needs_cpp
 @pytest.mark.parametrize("call,message", [
     (lambda C: C.linear(randn(3, 4), randn(5, 6)), "linear: weight"),
@@ -324,6 +359,16 @@ def test_linear_propagates_inf_and_nan_like_numpy(M, bf16):
     (lambda C: C.layer_norm(randn(3, 4), randn(4), randn(4), 1e39), "layer_norm: eps"),  # inf as a float32
     (lambda C: C.attention(randn(1, 2, 2, 8), randn(1, 5, 2, 8), randn(1, 5, 2, 8), None, float("inf")),
      "attention: scale must be a finite float32"),
+    # MLX affine weights: a 4-bit [5, 64] matrix in groups of 32 has codes [5, 8], scales/biases [5, 2]
+    (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 8, 32), "linear_affine: codes"),  # 8-bit codes: [5, 16]
+    (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 7, 32), "linear_affine: bits must be"),
+    (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 4, 48), "linear_affine: group_size must"),
+    (lambda C: C.linear_affine(randn(3, 60), *affine_parts(5, 64, 4, 32), 4, 32), "linear_affine: 60 columns"),
+    (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32, scales=(5, 3)), 4, 32), "linear_affine: scales"),
+    (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32, biases=np.float16), 4, 32),
+     "linear_affine: biases must have the dtype of scales"),
+    (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 4, 32, randn(4)), "linear_affine: bias"),
+    (lambda C: C.embedding_affine(*affine_parts(5, 64, 4, 32), 4, 32, np.array([[0, 5]])), "embedding_affine: ids"),
 ])
 def test_bad_calls_raise_value_errors_before_touching_memory(call, message):
     from refpg import _C

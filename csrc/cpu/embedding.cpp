@@ -29,6 +29,8 @@ void embedding(const void* table, WeightFormat format, int64_t D, const int64_t*
         case WeightFormat::BF16:
           bf16_row_to_f32(static_cast<const uint16_t*>(table) + ids[i] * D, out + i * D, D);
           break;
+        default:  // Affine tables take embedding_affine (affine.h); F16 is only ever their scales
+          break;
       }
     }
   });

@@ -415,6 +415,7 @@ void linear_with(const LinearArgs& p) {
   switch (p.format) {
     case WeightFormat::F32: return linear_with<Isa>(p, static_cast<const float*>(p.weight));
     case WeightFormat::BF16: return linear_with<Isa>(p, static_cast<const uint16_t*>(p.weight));
+    default: return;  // Affine matrices take linear_affine (affine.h); F16 is only ever their scales
   }
 }
 

@@ -26,6 +26,8 @@ inline int elem_bytes(DType d) {
   switch (d) {
     case DType::F32: return 4;
     case DType::BF16: return 2;
+    case DType::F16: return 2;
+    case DType::U32: return 4;
     case DType::I64: return 8;
     case DType::BOOL: return 1;
   }

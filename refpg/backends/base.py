@@ -40,7 +40,8 @@ class Backend:
     auto: bool = True  # `auto` may pick it (in registry order) when it is available
     reads_bf16: bool = False  # its linear and embedding read bf16 matrices as stored: load keeps them so
     formats: frozenset[Format] = frozenset({Format.F32, Format.BF16})  # what its linear and embedding read
-    tolerance: dict[str, float] = {}  # op -> NMSE bound where it computes differently from NumPy
+    # op, or (op, weight format) -> NMSE bound where it computes differently from NumPy (say why)
+    tolerance: dict = {}
 
     def unavailable(self) -> str | None:
         """Why it cannot run here, or None."""
