@@ -37,6 +37,7 @@ STORAGE_DTYPE = {Format.F32: np.dtype(np.float32), Format.BF16: np.dtype(np.uint
                  Format.F16: np.dtype(np.float16), Format.AFFINE: np.dtype(np.uint32)}
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
+QUANTIZE_CHUNK = 1 << 24  # elements quantize works on at once: temporaries of 64 MB, whatever the matrix
 
 
 @dataclass
@@ -127,6 +128,12 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """[rows, cols] codes < 2^bits -> [rows, cols·bits/32] uint32, the inverse of unpack_codes."""
     rows = codes.shape[0]
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word
+        per_word = codes.astype(np.uint32).reshape(rows, -1, 32 // bits)
+        words = np.zeros(per_word.shape[:2], np.uint32)
+        for i in range(32 // bits):
+            words |= per_word[..., i] << np.uint32(i * bits)
+        return words
     stream = ((codes[..., None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(stream.reshape(rows, -1), axis=-1, bitorder="little").view("<u4").astype(np.uint32)
 
@@ -166,6 +173,16 @@ def quantize(x: np.ndarray, bits: int, group_size: int, scale_format: Format = F
     if bits not in AFFINE_BITS or group_size not in AFFINE_GROUP_SIZES or cols % group_size:
         raise ValueError(f"MLX affine quantization needs bits in {AFFINE_BITS} and a group size in "
                          f"{AFFINE_GROUP_SIZES} dividing the {cols} columns; got bits {bits}, group size {group_size}")
+    chunk = max(1, QUANTIZE_CHUNK // max(cols, 1))  # rows per pass
+    parts = [_quantize_rows(x[r:r + chunk], bits, group_size) for r in range(0, rows, chunk)] or \
+        [_quantize_rows(x, bits, group_size)]
+    codes, scale, bias = (np.concatenate(p) for p in zip(*parts))
+    return Matrix(codes, Format.AFFINE, bits, group_size, encode(scale, scale_format), encode(bias, scale_format))
+
+
+def _quantize_rows(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize's arithmetic on some rows: (packed codes, float32 scales, float32 biases)."""
+    rows, cols = x.shape
     groups = x.reshape(rows, cols // group_size, group_size)
     n_bins = np.float32((1 << bits) - 1)
     w_max, w_min = groups.max(-1), groups.min(-1)
@@ -178,5 +195,4 @@ def quantize(x: np.ndarray, bits: int, group_size: int, scale_format: Format = F
     scale = np.where(exact, edge / np.where(exact, q0, np.float32(1)), scale).astype(np.float32)
     bias = np.where(exact, edge, np.float32(0)).astype(np.float32)
     codes = np.clip(np.rint((groups - bias[..., None]) / scale[..., None]), 0, n_bins).astype(np.uint32)
-    return Matrix(pack_codes(codes.reshape(rows, cols), bits), Format.AFFINE, bits, group_size,
-                  encode(scale, scale_format), encode(bias, scale_format))
+    return pack_codes(codes.reshape(rows, cols), bits), scale, bias

@@ -106,6 +106,19 @@ def test_dequantized_values_lie_within_half_a_step_of_the_originals(bits, group_
     assert (err <= step / 2 + slack)[inner].all()
 
 
+def test_quantizing_in_row_chunks_gives_the_same_matrix(monkeypatch):
+    """quantize works on a few rows at a time (a 257 216-row embedding would otherwise need several
+    full-size temporaries); groups lie within rows, so the chunks change nothing."""
+    import refpg.formats as formats
+
+    x = weights(np.random.default_rng(5), rows=30)
+    whole = quantize(x, 3, 32, Format.BF16)
+    monkeypatch.setattr(formats, "QUANTIZE_CHUNK", 7 * 256)  # 7 rows per pass: 5 passes, the last short
+    parts = quantize(x, 3, 32, Format.BF16)
+    for a, b in ((whole.data, parts.data), (whole.scales.data, parts.scales.data), (whole.biases.data, parts.biases.data)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_an_affine_matrix_reads_rows_and_says_its_bytes():
     x = weights(np.random.default_rng(0))
     m = quantize(x, 4, 64, Format.BF16)

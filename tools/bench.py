@@ -37,7 +37,7 @@ from refpg.backends import cuda  # noqa: E402
 from refpg.backends.cpp import _C  # noqa: E402
 from refpg.config import PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
 from refpg.model import PaliGemma  # noqa: E402
-from refpg.formats import Format, Matrix, encode, to_float32  # noqa: E402
+from refpg.formats import Format, Matrix, encode, quantize, to_float32  # noqa: E402
 from refpg.weights import Linear, Norm, TextLayer, TextWeights, VisionLayer, VisionWeights, Weights  # noqa: E402
 
 PROMPT_TOKENS = 10
@@ -114,6 +114,21 @@ def to_bf16(w: Weights) -> Weights:
     embed = encode(to_float32(w.text.embed_tokens), Format.BF16)
     out.text.embed_tokens = out.text.lm_head = embed
     return out
+
+
+def to_affine(w: Weights, bits: int, group_size: int = 64) -> Weights:
+    """The bf16 weights with the text model's matrices and embedding in MLX's affine quantization,
+    quantized as `refpg quantize` does (refpg.formats.quantize, bf16 scales); the vision tower and
+    projector stay bf16."""
+    def q(m: Matrix) -> Matrix:
+        return quantize(to_float32(m), bits, group_size, Format.BF16)
+
+    text = w.text
+    layers = [dataclasses.replace(layer, **{f.name: Linear(q(getattr(layer, f.name).weight))
+                                            for f in dataclasses.fields(layer) if f.name.endswith("_proj")})
+              for layer in text.layers]
+    embed = q(text.embed_tokens)
+    return dataclasses.replace(w, text=dataclasses.replace(text, layers=layers, embed_tokens=embed, lm_head=embed))
 
 
 def weight_bytes_per_token(w: Weights) -> int:
@@ -339,6 +354,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip transformers")
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy reference end to end")
     ap.add_argument("--no-cpp", action="store_true", help="skip refpg cpp end to end")
+    ap.add_argument("--no-quantized", action="store_true", help="skip the 8-bit and 4-bit (MLX affine) cpp runs")
     ap.add_argument("--skip-ops", action="store_true", help="skip the per-op table")
     ap.add_argument("--tc-peak-tflops", type=float, default=989.0,
                     help="bf16 dense tensor-core peak of the GPU, for the prefill fraction (default 989: H100/H200 SXM)")
@@ -363,10 +379,15 @@ def main(argv=None) -> None:
     w32 = random_weights(cfg)
     w16 = to_bf16(w32)
     runs: dict[str, dict[str, float]] = {}
+    quantized: dict[int, Weights] = {}
     have_cpp = backend.available("cpp") == list(backend.OP_NAMES)
     if have_cpp and not args.no_cpp:  # before numpy: see time_ops
         runs["refpg cpp fp32"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
         runs["refpg cpp bf16"] = time_refpg(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
+        for bits in () if args.no_quantized else (8, 4):
+            quantized[bits] = to_affine(w16, bits)
+            runs[f"refpg cpp {bits}-bit"] = time_refpg(PaliGemma(cfg, quantized[bits], Selection.from_spec("cpp")), cfg,
+                                                       args.repeat, args.decode_steps)
     have_cuda = "cuda" not in backend.UNAVAILABLE
     if have_cuda:
         info = _C.cuda.device_info()
@@ -414,8 +435,8 @@ def main(argv=None) -> None:
 
     bw = read_bandwidth()
     print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")
-    for n, w in (("refpg cpp fp32", w32), ("refpg cpp bf16", w16), ("torch fp32", w32), ("torch bf16", w16),
-                 ("refpg numpy", w32)):
+    for n, w in (("refpg cpp fp32", w32), ("refpg cpp bf16", w16), *((f"refpg cpp {b}-bit", quantized[b]) for b in quantized),
+                 ("torch fp32", w32), ("torch bf16", w16), ("refpg numpy", w32)):
         if n in runs:
             nbytes = weight_bytes_per_token(w)
             floor = nbytes / bw
