@@ -62,7 +62,7 @@ class PaliGemma:
         "bfloat16", or "auto" — bfloat16 when the checkpoint stores BF16 and matmul is not NumPy
         (the native kernels read bf16 directly: half the memory traffic), else float32. A quantized
         checkpoint (MLX's affine format, config.json's "quantization") keeps its matrices as stored;
-        auto runs linear and embedding on a backend that reads them (NumPy until the kernels exist).
+        auto runs linear and embedding on a backend that reads them (cpp or numpy).
         """
         selection = Selection.from_spec(backend, check)  # a bad selection fails before any file is read
         config = load_config(path)
