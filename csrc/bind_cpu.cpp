@@ -146,7 +146,8 @@ AffineWeight affine_arg(const std::string& op, const py::array& codes, const py:
   if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  if (cols % group_size) fail(op, std::to_string(cols) + " columns do not split into groups of " + std::to_string(group_size));
+  if (cols % group_size)
+    fail(op, "group_size " + std::to_string(group_size) + " does not divide the matrix's " + std::to_string(cols) + " columns");
   const int64_t rows = check_array(op, "codes", codes, {DType::U32}, {-1, cols * bits / 32})[0];
   check_contiguous(op, "codes", codes);
   check_array(op, "scales", scales, {DType::F32, DType::BF16, DType::F16}, {rows, cols / group_size});

@@ -120,22 +120,23 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed, dtype="<u4")
     if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word
         shifts = np.arange(0, 32, bits, dtype=np.uint32)
-        return ((packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)).reshape(rows, -1)
+        return ((packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)).reshape(rows, words * 32 // bits)
     stream = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")  # [rows, words·32] bits
-    return stream.reshape(rows, -1, bits).astype(np.uint32) @ (np.uint32(1) << np.arange(bits, dtype=np.uint32))
+    codes = stream.reshape(rows, words * 32 // bits, bits).astype(np.uint32)
+    return codes @ (np.uint32(1) << np.arange(bits, dtype=np.uint32))
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """[rows, cols] codes < 2^bits -> [rows, cols·bits/32] uint32, the inverse of unpack_codes."""
-    rows = codes.shape[0]
+    rows, cols = codes.shape
     if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word
-        per_word = codes.astype(np.uint32).reshape(rows, -1, 32 // bits)
+        per_word = codes.astype(np.uint32).reshape(rows, cols * bits // 32, 32 // bits)
         words = np.zeros(per_word.shape[:2], np.uint32)
         for i in range(32 // bits):
             words |= per_word[..., i] << np.uint32(i * bits)
         return words
     stream = ((codes[..., None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(stream.reshape(rows, -1), axis=-1, bitorder="little").view("<u4").astype(np.uint32)
+    return np.packbits(stream.reshape(rows, cols * bits), axis=-1, bitorder="little").view("<u4").astype(np.uint32)
 
 
 def to_float32(m: Matrix) -> np.ndarray:
@@ -174,8 +175,9 @@ def quantize(x: np.ndarray, bits: int, group_size: int, scale_format: Format = F
         raise ValueError(f"MLX affine quantization needs bits in {AFFINE_BITS} and a group size in "
                          f"{AFFINE_GROUP_SIZES} dividing the {cols} columns; got bits {bits}, group size {group_size}")
     chunk = max(1, QUANTIZE_CHUNK // max(cols, 1))  # rows per pass
-    parts = [_quantize_rows(x[r:r + chunk], bits, group_size) for r in range(0, rows, chunk)] or \
-        [_quantize_rows(x, bits, group_size)]
+    parts = [_quantize_rows(x[r:r + chunk], bits, group_size) for r in range(0, rows, chunk)]
+    if not parts:  # no rows
+        parts = [(np.zeros((0, cols * bits // 32), np.uint32),) + (np.zeros((0, cols // group_size), np.float32),) * 2]
     codes, scale, bias = (np.concatenate(p) for p in zip(*parts))
     return Matrix(codes, Format.AFFINE, bits, group_size, encode(scale, scale_format), encode(bias, scale_format))
 

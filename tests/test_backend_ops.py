@@ -363,7 +363,7 @@ def affine_parts(rows, cols, bits, group_size, scales=None, biases=F32):
     (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 8, 32), "linear_affine: codes"),  # 8-bit codes: [5, 16]
     (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 7, 32), "linear_affine: bits must be"),
     (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32), 4, 48), "linear_affine: group_size must"),
-    (lambda C: C.linear_affine(randn(3, 60), *affine_parts(5, 64, 4, 32), 4, 32), "linear_affine: 60 columns"),
+    (lambda C: C.linear_affine(randn(3, 60), *affine_parts(5, 64, 4, 32), 4, 32), "linear_affine: group_size 32 does not divide the matrix's 60 columns"),
     (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32, scales=(5, 3)), 4, 32), "linear_affine: scales"),
     (lambda C: C.linear_affine(randn(3, 64), *affine_parts(5, 64, 4, 32, biases=np.float16), 4, 32),
      "linear_affine: biases must have the dtype of scales"),

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from refpg import backend, ops
-from refpg.formats import Format, Matrix, f32_to_bf16
+from refpg.formats import Format, Matrix, f32_to_bf16, quantize
 
 SEED = 15
 CALLS_PER_OP = 48
@@ -43,7 +43,7 @@ ANY_ARRAY_NAMED = ("rank", "shape")  # the error may name the array the changed 
 
 
 # ---- valid random arguments per op ---------------------------------------------------------------
-# Each op: dims(rng) -> named sizes; build(d, rng) -> {argument: value}; arrays: {argument: dtypes it
+# Each op: dims(rng) -> named sizes (`fixed`: those the empty category must not zero); build(d, rng) -> {argument: value}; arrays: {argument: dtypes it
 # may have}; scalars: the scalar arguments; twin(args) -> the NumPy result.
 
 def randn(rng, *shape, scale=1.0):
@@ -101,11 +101,44 @@ def embedding_build(d, rng):
     return {"table": table, "ids": rng.integers(0, d["V"], tuple(d["ids"])) if d["V"] else np.zeros(d["ids"], np.int64)}
 
 
+def affine_dims(rng):
+    bits, group_size = [2, 3, 4, 5, 6, 8][int(rng.integers(6))], [32, 64, 128][int(rng.integers(3))]
+    return {"M": int(rng.integers(1, 12)), "N": int(rng.integers(1, 20)), "groups": int(rng.integers(1, 4)),
+            "V": int(rng.integers(1, 30)), "ids": shape(rng, 0, 2, 6), "bits": bits, "group_size": group_size}
+
+
+def affine_weight(rng, rows, d) -> dict:
+    """An MLX affine matrix [rows, groups · group_size] as quantize makes it, scales in a random dtype."""
+    fmt = [Format.F32, Format.BF16, Format.F16][int(rng.integers(3))]
+    m = quantize(randn(rng, rows, d["groups"] * d["group_size"]), d["bits"], d["group_size"], fmt)
+    return {"codes": m.data, "scales": m.scales.data, "biases": m.biases.data, "bits": d["bits"],
+            "group_size": d["group_size"]}
+
+
+def affine_matrix(a) -> Matrix:
+    """The twin's view of the binding's arguments (the scales' dtype says their format)."""
+    fmt = {np.dtype(np.float32): Format.F32, np.dtype(np.uint16): Format.BF16, np.dtype(np.float16): Format.F16}
+    part = lambda v: Matrix(v, fmt[np.asarray(v).dtype])  # noqa: E731
+    return Matrix(a["codes"], Format.AFFINE, a["bits"], a["group_size"], part(a["scales"]), part(a["biases"]))
+
+
+def linear_affine_build(d, rng):
+    w = affine_weight(rng, d["N"], d)
+    return {"x": randn(rng, d["M"], d["groups"] * d["group_size"]), **w,
+            "bias": randn(rng, d["N"]) if rng.random() < 0.5 else None}
+
+
+def embedding_affine_build(d, rng):
+    return {**affine_weight(rng, d["V"], d),
+            "ids": rng.integers(0, d["V"], tuple(d["ids"])) if d["V"] else np.zeros(d["ids"], np.int64)}
+
+
 def shape(rng, rank_lo, rank_hi, hi):
     return [int(s) for s in rng.integers(1, hi, int(rng.integers(rank_lo, rank_hi + 1)))]
 
 
 F = ("float32",)
+SCALE_DTYPES = ("float32", "uint16", "float16")
 SPECS = {
     "linear": dict(
         dims=lambda rng: {"M": int(rng.integers(1, 40)), "K": int(rng.integers(1, 70)), "N": int(rng.integers(1, 40))},
@@ -143,6 +176,16 @@ SPECS = {
         dims=lambda rng: {"V": int(rng.integers(1, 50)), "D": int(rng.integers(1, 16)), "ids": shape(rng, 0, 2, 6)},
         build=embedding_build, arrays={"table": ("float32", "uint16"), "ids": ("int64",)}, scalars=(),
         twin=lambda a: ops.embedding(as_matrix(a["table"]), a["ids"])),
+    # weights in MLX's affine quantization (refpg.formats); the scalars are the code width and group size
+    "linear_affine": dict(
+        dims=affine_dims, build=linear_affine_build, scalars=("bits", "group_size"), optional=("bias",),
+        fixed=("bits", "group_size"),
+        arrays={"x": F, "codes": ("uint32",), "scales": SCALE_DTYPES, "biases": SCALE_DTYPES, "bias": F},
+        twin=lambda a: ops.linear(a["x"], affine_matrix(a), a["bias"])),
+    "embedding_affine": dict(
+        dims=affine_dims, build=embedding_affine_build, scalars=("bits", "group_size"), fixed=("bits", "group_size"),
+        arrays={"codes": ("uint32",), "scales": SCALE_DTYPES, "biases": SCALE_DTYPES, "ids": ("int64",)},
+        twin=lambda a: ops.embedding(affine_matrix(a), a["ids"])),
 }
 OP_NAMES = tuple(SPECS) + ("set_num_threads",)
 
@@ -226,7 +269,8 @@ def mutate(category, rng, spec, args):
             return None
         name = "ids"
         ids = args["ids"].copy()
-        ids.flat[int(rng.integers(ids.size))] = [-1, args["table"].shape[0], 2 ** 62, -(2 ** 63)][int(rng.integers(4))]
+        V = args["table" if "table" in args else "codes"].shape[0]
+        ids.flat[int(rng.integers(ids.size))] = [-1, V, 2 ** 62, -(2 ** 63)][int(rng.integers(4))]
         new["ids"] = ids
     elif category == "read-only":  # the argument written to: linear's out
         name = "out"
@@ -305,7 +349,8 @@ def verdict(C, op, category, args, target, path):
     if not np.array_equal(np.isnan(out), np.isnan(ref)) or not np.array_equal(np.isinf(out), np.isinf(ref)):
         return "NaN/inf where the twin has none (or the reverse)"
     finite = np.isfinite(ref)
-    err, tol = nmse_floored(out[finite], ref[finite], input_scale(before)), backend.tolerance(op, "cpp")
+    twin_op, fmt = (op[:-len("_affine")], Format.AFFINE) if op.endswith("_affine") else (op, None)
+    err, tol = nmse_floored(out[finite], ref[finite], input_scale(before)), backend.tolerance(twin_op, "cpp", fmt)
     if err > tol:
         return f"NMSE {err:.2e} > {tol:.0e}"
     return "match"
@@ -396,7 +441,8 @@ def run_batch(seed, calls_per_op, progress=None):
             category = mine[i] if i < len(mine) else mine[int(rng.integers(len(mine)))]
             d = spec["dims"](rng)
             if category == "empty":
-                sizes = [k for k, v in d.items() if isinstance(v, int) or (isinstance(v, list) and v)]
+                sizes = [k for k, v in d.items() if k not in spec.get("fixed", ())
+                         and (isinstance(v, int) or (isinstance(v, list) and v))]
                 if not sizes:  # a 0-d array has no dimension to empty
                     category = "good"
                 else:
