@@ -81,8 +81,9 @@ def quantize_checkpoint(model_dir: str, out_dir: str, bits: int, group_size: int
             tensors[module + ".biases"] = (dtype, m.biases.data)
             counts["quantized"] += 1
         else:
-            if hub == PATCH:
-                values = values.transpose(0, 2, 3, 1)  # [D, 3, P, P] -> MLX's [D, P, P, 3]
+            v = cfg.vision
+            if hub == PATCH and values.shape[1:] == (v.num_channels, v.patch_size, v.patch_size):
+                values = values.transpose(0, 2, 3, 1)  # [D, 3, P, P] -> MLX's [D, P, P, 3] (unless already so)
             tensors[hub] = (dtype, stored_as(values, dtype))
             counts["kept"] += 1
         if progress is not None:

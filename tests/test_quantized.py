@@ -212,6 +212,19 @@ def test_a_quantized_checkpoint_runs_on_cpp_like_the_reference(tmp_path, bits):
     np.testing.assert_array_equal(native.generate(batch, max_new_tokens=5), reference.generate(batch, max_new_tokens=5))
 
 
+def test_refpg_quantize_keeps_a_channel_last_patch_embedding_as_it_is(tmp_path):
+    """A source already in MLX's layout (an unquantized mlx-vlm conversion) is not transposed twice."""
+    src = tiny(tmp_path)
+    run_cli("quantize", "--model", src, "--bits", "8", "--group-size", "32", "--out", str(tmp_path / "a"))
+    # the same weights with the patch embedding stored channel-last, and no quantization
+    rewrite(src, lambda t: t.update({"vision_tower.vision_model.embeddings.patch_embedding.weight": (
+        "BF16", np.ascontiguousarray(t["vision_tower.vision_model.embeddings.patch_embedding.weight"][1].transpose(0, 2, 3, 1)))}))
+    run_cli("quantize", "--model", src, "--bits", "8", "--group-size", "32", "--out", str(tmp_path / "b"))
+    a, b = (SafetensorsFile(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    name = "vision_tower.vision_model.embeddings.patch_embedding.weight"
+    assert a.shape(name) == b.shape(name) == (32, 8, 8, 3) and a.raw(name).tobytes() == b.raw(name).tobytes()
+
+
 def test_a_backend_without_kernels_for_the_format_is_refused_by_name(tmp_path, fake_gpu):
     src = tiny(tmp_path)
     run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4"))
