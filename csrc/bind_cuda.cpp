@@ -10,6 +10,7 @@
 
 #include "bind.h"
 #include "cuda/activations.h"
+#include "cuda/affine.h"
 #include "cuda/attention.h"
 #include "cuda/device_tensor.h"
 #include "cuda/embedding.h"
@@ -67,9 +68,9 @@ struct Dev {
     return t;
   }
   static DType dtype_of(const py::array& a) {
-    for (DType d : {DType::F32, DType::BF16, DType::I64, DType::BOOL})
+    for (DType d : {DType::F32, DType::BF16, DType::F16, DType::U32, DType::I64, DType::BOOL})
       if (has_dtype(a, d)) return d;
-    throw py::type_error("device tensors hold float32, bfloat16 (uint16 bits), int64 or bool, not " +
+    throw py::type_error("device tensors hold float32, bfloat16 (uint16 bits), float16, uint32, int64 or bool, not " +
                          std::string(py::str(a.dtype())));
   }
   static py::dtype numpy_dtype(DType d) {
@@ -209,8 +210,64 @@ void bind_tensors(py::module_& c) {
 
 }
 
+// An MLX affine matrix of `cols` columns on the device: codes uint32 [rows, cols·bits/32], scales and
+// biases [rows, cols/group_size] of one dtype (float32, bf16 bits, float16), all contiguous.
+AffineWeight affine_arg(const std::string& op, const py::object& codes_arg, const py::object& scales_arg,
+                        const py::object& biases_arg, const py::object& bits_arg, const py::object& group_arg,
+                        int64_t cols) {
+  const int bits = Arg::integer_at_most(op, "bits", bits_arg, 8, "");
+  const int group_size = Arg::integer_at_most(op, "group_size", group_arg, 128, "");
+  if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (cols % group_size)
+    fail(op, "group_size " + std::to_string(group_size) + " does not divide the matrix's " + std::to_string(cols) + " columns");
+  const DeviceTensor& codes = Dev::dense(op, "codes", codes_arg, 2, DType::U32);
+  const int64_t rows = Dev::check(op, "codes", codes, {DType::U32}, {-1, cols * bits / 32})[0];
+  const DeviceTensor& scales = Dev::tensor(op, "scales", scales_arg);
+  const DeviceTensor& biases = Dev::tensor(op, "biases", biases_arg);
+  Dev::check(op, "scales", scales, {DType::F32, DType::BF16, DType::F16}, {rows, cols / group_size});
+  Dev::check(op, "biases", biases, {scales.dtype}, {rows, cols / group_size});
+  if (!scales.contiguous() || !biases.contiguous()) fail(op, "scales and biases must be contiguous");
+  const WeightFormat f = scales.dtype == DType::F16 ? WeightFormat::F16 : Dev::format(scales);
+  return AffineWeight{codes.as<uint32_t>(), scales.data(), biases.data(), f, bits, group_size};
+}
+
 // The ops, twins of refpg.ops (the Python side, refpg/backends/cuda.py, handles numpy inputs).
 void bind_ops(py::module_& c) {
+  c.def("linear_affine", [](const py::object& x_arg, const py::object& codes, const py::object& scales,
+                            const py::object& biases, const py::object& bits, const py::object& group_size,
+                            const py::object& b_arg) {
+    const std::string op = "linear_affine";
+    const DeviceTensor& x = Dev::tensor(op, "x", x_arg);
+    const auto xs = Dev::check(op, "x", x, {DType::F32}, {-1, -1});
+    if (!x.inner_contiguous(1) || (xs[0] > 1 && x.strides[0] < xs[1])) fail(op, "x rows must be packed and not overlap");
+    const AffineWeight w = affine_arg(op, codes, scales, biases, bits, group_size, xs[1]);
+    const int64_t M = xs[0], K = xs[1], N = Dev::tensor(op, "codes", codes).shape[0];
+    Dev::launchable(op, (N + 7) / 8);
+    const DeviceTensor* b = b_arg.is_none() ? nullptr : &Dev::vec(op, "bias", b_arg, N);
+    DeviceTensor y = DeviceTensor::empty({M, N}, DType::F32);
+    cuda::linear_affine({x.as<float>(), x.strides[0], nullptr, WeightFormat::Affine, b ? b->as<float>() : nullptr,
+                         y.as<float>(), N, M, N, K}, w);
+    return y;
+  }, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("biases"), py::arg("bits"), py::arg("group_size"),
+     py::arg("bias") = py::none(), "x[M, K] @ W.T (+ bias), W [N, K] in MLX's affine quantization");
+  c.def("embedding_affine", [](const py::object& codes_arg, const py::object& scales, const py::object& biases,
+                               const py::object& bits_arg, const py::object& group_size, const py::object& ids_arg) {
+    const std::string op = "embedding_affine";
+    const DeviceTensor& codes = Dev::dense(op, "codes", codes_arg, 2, DType::U32);
+    const int bits = Arg::integer_at_most(op, "bits", bits_arg, 8, "");
+    if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
+    const int64_t D = codes.shape[1] * 32 / bits;
+    const AffineWeight w = affine_arg(op, codes_arg, scales, biases, bits_arg, group_size, D);
+    const DeviceTensor ids = Dev::ids(op, ids_arg, codes.shape[0]);
+    std::vector<int64_t> shape = ids.shape;
+    shape.push_back(D);
+    DeviceTensor out = DeviceTensor::empty(shape, DType::F32);
+    cuda::embedding_affine(w, D, ids.as<int64_t>(), ids.numel(), out.as<float>());
+    return out;
+  }, py::arg("codes"), py::arg("scales"), py::arg("biases"), py::arg("bits"), py::arg("group_size"), py::arg("ids"),
+     "the exact float32 rows at host int64 ids (checked, then uploaded) of a table in MLX's affine quantization");
   c.def("linear", [](const py::object& x_arg, const py::object& w_arg, const py::object& b_arg) {
     const std::string op = "linear";
     const DeviceTensor& x = Dev::tensor(op, "x", x_arg);

@@ -114,7 +114,7 @@ def zeros(shape, dtype=np.float32):
 def upload(a):
     transfers["upload"] += 1
     a = np.asarray(a)
-    assert a.dtype in (np.float32, np.uint16, np.int64, np.bool_), a.dtype
+    assert a.dtype in (np.float32, np.uint16, np.float16, np.uint32, np.int64, np.bool_), a.dtype
     return _new(a)
 
 
@@ -145,6 +145,25 @@ def _matrix(t, name) -> Matrix:
     """A weight as the binding reads it: float32, or bf16 bits (uint16)."""
     data = _dense(t, name)
     return Matrix(data, Format.BF16 if data.dtype == np.uint16 else Format.F32)
+
+
+def _affine(codes, scales, biases, bits, group_size) -> Matrix:
+    """An MLX affine matrix as the binding reads it (the scales' dtype says their format)."""
+    fmt = {np.dtype(np.float32): Format.F32, np.dtype(np.uint16): Format.BF16, np.dtype(np.float16): Format.F16}
+    s, b = _dense(scales, "scales"), _dense(biases, "biases")
+    return Matrix(_dense(codes, "codes"), Format.AFFINE, bits, group_size, Matrix(s, fmt[s.dtype]), Matrix(b, fmt[b.dtype]))
+
+
+def linear_affine(x, codes, scales, biases, bits, group_size, b=None):
+    assert isinstance(x, Tensor) and len(x.shape) == 2 and x.inner_contiguous(1)
+    w = _affine(codes, scales, biases, bits, group_size)
+    return _new(ops.linear(x.host_view(), w, None if b is None else _f32(b, "bias")))
+
+
+def embedding_affine(codes, scales, biases, bits, group_size, ids):
+    assert isinstance(ids, np.ndarray) and ids.dtype == np.int64  # ids come from the host
+    transfers["upload"] += 1
+    return _new(ops.embedding(_affine(codes, scales, biases, bits, group_size), ids))
 
 
 def linear(x, w, b=None):

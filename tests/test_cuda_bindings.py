@@ -14,7 +14,7 @@ import pytest
 
 from refpg import backend, ops
 from refpg.backends import cuda
-from refpg.formats import Matrix
+from refpg.formats import STORAGE_DTYPE, Format, Matrix
 
 F32 = np.float32
 
@@ -94,15 +94,24 @@ def empty_args(op):
         "rope": (z(0, 2, 3, 4), z(0, 2, 4), z(0, 2, 4)),
         "attention": (z(0, 2, 4, 8), z(0, 5, 2, 8), z(0, 5, 2, 8), z(0, 2, 5, dtype=bool), 0.3),
         "embedding": (Matrix(z(6, 0)), z(0, dtype=np.int64)),
+        # MLX's affine quantization: no x rows and no W rows (M = N = 0); no table rows and no ids
+        "linear-affine": (z(0, 64), affine(0, 64, Format.F16)),
+        "embedding-affine": (affine(0, 64, Format.BF16), z(0, dtype=np.int64)),
     }[op]
 
 
+def affine(rows, cols, fmt) -> Matrix:
+    """A 4-bit matrix in groups of 32, of zero bytes when rows = 0."""
+    scales = Matrix(np.zeros((rows, cols // 32), np.dtype(STORAGE_DTYPE[fmt])), fmt)
+    return Matrix(np.zeros((rows, cols // 8), np.uint32), Format.AFFINE, 4, 32, scales, scales)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the twins' norms over D = 0
-@pytest.mark.parametrize("op", backend.OP_NAMES)
+@pytest.mark.parametrize("op", backend.OP_NAMES + ("linear-affine", "embedding-affine"))
 def test_every_cuda_op_converts_its_arguments_and_returns_the_twins_shape(op):
     args = empty_args(op)
-    out = getattr(cuda, op)(*args)
-    ref = getattr(ops, op)(*args)
+    out = getattr(cuda, op.split("-")[0])(*args)
+    ref = getattr(ops, op.split("-")[0])(*args)
     assert isinstance(out, cuda.DeviceArray) and out.shape == ref.shape
     host = np.asarray(out)
     assert host.shape == ref.shape and host.dtype == np.float32

@@ -225,11 +225,34 @@ def test_refpg_quantize_keeps_a_channel_last_patch_embedding_as_it_is(tmp_path):
     assert a.shape(name) == b.shape(name) == (32, 8, 8, 3) and a.raw(name).tobytes() == b.raw(name).tobytes()
 
 
-def test_a_backend_without_kernels_for_the_format_is_refused_by_name(tmp_path, fake_gpu):
+def test_a_backend_without_kernels_for_the_format_is_refused_by_name(tmp_path, monkeypatch):
+    from refpg.backends.base import OP_NAMES, Backend
+
+    class Plain(Backend):  # every op, float32 and bf16 weights only
+        name = "plain"
+        ops = {op: backend.OPS[op]["numpy"] for op in OP_NAMES}
+
+    monkeypatch.setitem(backend.BACKENDS, "plain", Plain())
+    for op in OP_NAMES:
+        monkeypatch.setitem(backend.OPS[op], "plain", Plain.ops[op])
     src = tiny(tmp_path)
     run_cli("quantize", "--model", src, "--bits", "4", "--out", str(tmp_path / "q4"))
-    with pytest.raises(BackendError, match="'cuda' cannot read mlx-affine weights in linear"):
-        PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="cuda")
+    assert PaliGemma.from_pretrained(src, backend="plain").selection.backends["linear"] == "plain"
+    with pytest.raises(BackendError, match="'plain' cannot read mlx-affine weights in linear"):
+        PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="plain")
+
+
+def test_a_quantized_checkpoint_runs_on_the_cuda_path_with_its_weights_uploaded_once(tmp_path, fake_gpu):
+    """cuda's data path (tests/fake_cuda.py computes each op with refpg.ops): codes, scales and biases
+    go up once at load, tied embedding and LM head shared, and the logits are the reference's."""
+    src = tiny(tmp_path)
+    run_cli("quantize", "--model", src, "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "q4"))
+    model = PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="cuda")
+    embed = model.weights.text.embed_tokens
+    assert embed.format is Format.AFFINE and model.weights.text.lm_head is embed
+    assert all(type(a).__name__ == "DeviceArray" for a in (embed.data, embed.scales.data, embed.biases.data))
+    reference = PaliGemma.from_pretrained(str(tmp_path / "q4"), backend="numpy")
+    np.testing.assert_allclose(logits(model), logits(reference), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -25,7 +25,7 @@ import numbers
 import numpy as np
 
 from refpg.backends.base import OP_NAMES, Backend
-from refpg.formats import Matrix
+from refpg.formats import Format, Matrix
 
 try:
     from refpg import _C
@@ -197,8 +197,9 @@ def upload_weights(tree):
     def walk(node):
         if isinstance(node, (np.ndarray, Matrix)):
             if id(node) not in done:
-                done[id(node)] = (as_device(node) if isinstance(node, np.ndarray)
-                                  else Matrix(as_device(node.data), node.format))
+                done[id(node)] = as_device(node) if isinstance(node, np.ndarray) else dataclasses.replace(
+                    node, data=as_device(node.data), scales=node.scales and walk(node.scales),
+                    biases=node.biases and walk(node.biases))
             return done[id(node)]
         if isinstance(node, list):
             return [walk(n) for n in node]
@@ -223,7 +224,11 @@ def _t(x):
 def linear(x, weight: Matrix, bias=None):
     x = as_device(x)
     K = x.shape[-1]
-    y = _C.cuda.linear(x.reshape(-1, K).t, _t(weight.data), None if bias is None else _t(bias))  # [M, N]
+    b = None if bias is None else _t(bias)
+    if weight.format is Format.AFFINE:
+        y = _C.cuda.linear_affine(x.reshape(-1, K).t, *_affine(weight), b)  # [M, N]
+    else:
+        y = _C.cuda.linear(x.reshape(-1, K).t, _t(weight.data), b)  # [M, N]
     return DeviceArray(y).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -261,7 +266,15 @@ def embedding(table: Matrix, ids):
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
-    return DeviceArray(_C.cuda.embedding(_t(table.data), np.ascontiguousarray(ids, dtype=np.int64)))
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if table.format is Format.AFFINE:
+        return DeviceArray(_C.cuda.embedding_affine(*_affine(table), ids))
+    return DeviceArray(_C.cuda.embedding(_t(table.data), ids))
+
+
+def _affine(m: Matrix) -> tuple:
+    """An AFFINE matrix as the binding takes it: codes, scales, biases, bits, group size."""
+    return _t(m.data), _t(m.scales.data), _t(m.biases.data), m.bits, m.group_size
 
 
 class CudaBackend(Backend):
@@ -270,9 +283,11 @@ class CudaBackend(Backend):
     array_type = DeviceArray
     auto = False  # until its kernels have passed the op table on a GPU
     reads_bf16 = True
+    formats = frozenset({Format.F32, Format.BF16, Format.AFFINE})
     # Its prefill matmul rounds activations (and fp32 weights) to bf16 for the tensor cores (NMSE
     # ~1e-6 expected); its decode GEMV stays exact fp32.
-    tolerance = {"linear": 2e-5}
+    # On AFFINE weights the same: every weight is dequantized exactly (csrc/cuda/affine.h).
+    tolerance = {"linear": 2e-5, ("linear", Format.AFFINE): 2e-5}
 
     def unavailable(self) -> str | None:
         return unavailable_reason()
