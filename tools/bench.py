@@ -227,6 +227,35 @@ def time_refpg(model: PaliGemma, cfg, repeat: int, decode_steps: int) -> dict[st
     return out
 
 
+def time_batch_decode(model: PaliGemma, cfg, batch_sizes: list[int], decode_steps: int) -> dict[int, float]:
+    """Seconds per decode step for each batch size B: B copies of the image + prompt prefilled, then
+    one token per row per step through the cache (best of `decode_steps` steps)."""
+    ids, pixels, types = inputs_for(cfg)
+    out = {}
+    for B in batch_sizes:
+        cache = model.new_cache(B, ids.shape[1] + decode_steps + 1)
+        model(np.repeat(ids, B, 0), np.repeat(pixels, B, 0), token_type_ids=np.repeat(types, B, 0), cache=cache,
+              last_only=True)
+        token = np.full((B, 1), 100)
+        steps = []
+        for _ in range(decode_steps):
+            t = time.perf_counter()
+            model(token, cache=cache, last_only=True)
+            steps.append(time.perf_counter() - t)
+        out[B] = min(steps)
+    return out
+
+
+def time_threads(model: PaliGemma, cfg, repeat: int, decode_steps: int) -> dict[int, dict[str, float]]:
+    """time_refpg with the native kernels on 1 thread, then on every core (refpg._C.set_num_threads)."""
+    out = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        _C.set_num_threads(n)
+        out[n] = time_refpg(model, cfg, repeat, decode_steps)
+    _C.set_num_threads(0)  # back to the available cores
+    return out
+
+
 def time_torch(weights: Weights, cfg: PaliGemmaConfig, dtype: str, repeat: int, decode_steps: int) -> dict[str, float]:
     import torch
     from transformers import PaliGemmaConfig as HFConfig, PaliGemmaForConditionalGeneration
@@ -355,6 +384,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy reference end to end")
     ap.add_argument("--no-cpp", action="store_true", help="skip refpg cpp end to end")
     ap.add_argument("--no-quantized", action="store_true", help="skip the 8-bit and 4-bit (MLX affine) cpp runs")
+    ap.add_argument("--batch-sizes", default="1,4,8", metavar="B,B,…",
+                    help="decode batch sizes timed for cpp bf16 (default 1,4,8; empty: skip)")
+    ap.add_argument("--no-threads", action="store_true", help="skip cpp bf16 on 1 thread vs every core")
     ap.add_argument("--skip-ops", action="store_true", help="skip the per-op table")
     ap.add_argument("--tc-peak-tflops", type=float, default=989.0,
                     help="bf16 dense tensor-core peak of the GPU, for the prefill fraction (default 989: H100/H200 SXM)")
@@ -432,6 +464,24 @@ def main(argv=None) -> None:
         print(f"GPU prefill: {flops / 1e12:.2f} TFLOP of matmuls in {t_pre * 1e3:.1f} ms = {flops / t_pre / 1e12:.0f} "
               f"TFLOP/s = {flops / t_pre / 1e12 / args.tc_peak_tflops * 100:.0f}% of {args.tc_peak_tflops:.0f} TFLOP/s "
               f"bf16 tensor-core peak")
+
+    if have_cpp and not args.no_cpp and args.batch_sizes.strip():
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        steps = time_batch_decode(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, sizes, args.decode_steps)
+        print(f"\ndecode batches, refpg cpp bf16 (one token per row per step, through the cache)")
+        print(f"{'rows':>6s} {'ms / step':>10s} {'tokens/s':>10s} {'step vs 1 row':>14s} {'tokens/s vs 1 row':>18s}")
+        one = steps[sizes[0]] / sizes[0] if sizes[0] != 1 else steps[1]
+        for B, t in steps.items():
+            print(f"{B:6d} {t * 1e3:10.1f} {B / t:10.1f} {t / one:13.2f}x {B / t * one:17.2f}x")
+    if have_cpp and not args.no_cpp and not args.no_threads:
+        by_threads = time_threads(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
+        print("\nthreads, refpg cpp bf16 (refpg._C.set_num_threads)")
+        for n, t in by_threads.items():
+            print(f"  {n} thread(s): image encode {t['image encode'] * 1e3:8.1f} ms, prefill "
+                  f"{t['prefill (image + prompt)'] * 1e3:8.1f} ms, decode {t['decode, per token'] * 1e3:6.1f} ms/token")
+        if len(by_threads) > 1:
+            a, b = by_threads[1], by_threads[max(by_threads)]
+            print(f"  scaling 1 -> {max(by_threads)}: " + ", ".join(f"{k} {a[k] / b[k]:.2f}x" for k in a))
 
     bw = read_bandwidth()
     print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")
