@@ -13,6 +13,7 @@
 #include "cpu/embedding.h"
 #include "cpu/matmul.h"
 #include "cpu/norms.h"
+#include "cpu/peak.h"
 #include "cpu/rope.h"
 #include "cpu/simd.h"
 #include "cpu/threadpool.h"
@@ -92,6 +93,21 @@ void bind_threads(py::module_& m) {
       py::arg("n"),
       "set the kernels' thread count, at most 1024 (n <= 0: the number of available cores); waits for a "
       "kernel running in another thread, and the new threads start with the next kernel");
+}
+
+void bind_peak(py::module_& m) {
+  m.def(
+      "fma_peak",
+      [](const py::object& seconds_arg) {
+        const float seconds = Arg::number("fma_peak", "seconds", seconds_arg, Arg::NonNegative);
+        if (seconds > 60.0f) fail("fma_peak", "seconds must be at most 60");
+        double flops = 0.0;
+        run("fma_peak", [&](SimdPath path) { flops = fma_peak(seconds, path); });
+        return flops;
+      },
+      py::arg("seconds") = 0.2,
+      "FLOP/s of independent register FMAs on every thread, with the current path's widest vectors (tools/bench.py's "
+      "prefill peak)");
 }
 
 void bind_linear(py::module_& m) {
@@ -390,6 +406,7 @@ void bind_cpu(py::module_& m) {
   bind_threads(m);
   bind_linear(m);
   bind_affine(m);
+  bind_peak(m);
   bind_norms(m);
   bind_activations(m);
   bind_rope_embedding(m);

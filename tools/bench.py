@@ -483,6 +483,15 @@ def main(argv=None) -> None:
             a, b = by_threads[1], by_threads[max(by_threads)]
             print(f"  scaling 1 -> {max(by_threads)}: " + ", ".join(f"{k} {a[k] / b[k]:.2f}x" for k in a))
 
+    if _C is not None:
+        peak = max(_C.fma_peak(0.2) for _ in range(5))  # the best of several: other work on the machine only lowers it
+        flops = prefill_flops(w32, cfg)
+        print(f"\nprefill compute roofline: measured FMA peak {peak / 1e9:.0f} GFLOP/s ({_C.simd_path()}, "
+              f"{_C.num_threads()} threads, refpg._C.fma_peak); one prefill is {flops / 1e9:.0f} GFLOP of matmuls")
+        for n, t in runs.items():
+            seconds = t["prefill (image + prompt)"]
+            print(f"  {n:16s} {flops / seconds / 1e9:7.1f} GFLOP/s = {flops / seconds / peak * 100:3.0f}% of the FMA peak")
+
     bw = read_bandwidth()
     print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")
     for n, w in (("refpg cpp fp32", w32), ("refpg cpp bf16", w16), *((f"refpg cpp {b}-bit", quantized[b]) for b in quantized),
