@@ -51,7 +51,12 @@ python3 -c "from refpg import _C; assert _C.sanitized, _C.__file__; print('sanit
 shopt -s nullglob
 tests=("$ROOT"/tests/test_backend_ops.py "$ROOT"/tests/test_fuzz*.py "$ROOT"/tests/test_threads.py)
 status=0
-python3 -m pytest -q -p no:cacheprovider "${tests[@]}" || status=$?
+# Deselected here (it runs in the main suite): forking while another thread runs kernels. Under GCC 12's
+# libasan a forked child can inherit the sanitizer allocator's lock from a thread caught inside malloc
+# and hang (seen once in CI: 1 child of 20, exit -9); glibc's malloc, used everywhere else, is made
+# fork-safe by its own handlers.
+python3 -m pytest -q -p no:cacheprovider "${tests[@]}" -k "not test_fork_while_another_thread_runs_kernels" \
+  || status=$?
 reports=("$DIR"/report.*)
 if ((${#reports[@]})); then
   cat "${reports[@]}"
