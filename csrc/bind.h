@@ -184,6 +184,22 @@ struct Arg {
   static WeightFormat format(const py::array& weight) {
     return has_dtype(weight, DType::BF16) ? WeightFormat::BF16 : WeightFormat::F32;
   }
+  // MLX affine quantization's code width: 2, 3, 4, 5, 6 or 8 (ValueError otherwise).
+  static int affine_bits(const std::string& op, const py::object& bits_arg) {
+    const int bits = integer_at_most(op, "bits", bits_arg, 8, "");
+    if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
+    return bits;
+  }
+  // Its group size: 32, 64 or 128, dividing the matrix's `cols` columns (ValueError otherwise).
+  static int affine_group_size(const std::string& op, const py::object& group_arg, int64_t cols) {
+    const int group_size = integer_at_most(op, "group_size", group_arg, 128, "");
+    if (group_size != 32 && group_size != 64 && group_size != 128)
+      fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+    if (cols % group_size)
+      fail(op, "group_size " + std::to_string(group_size) + " does not divide the matrix's " + std::to_string(cols) +
+                   " columns");
+    return group_size;
+  }
 };
 
 }  // namespace refpg

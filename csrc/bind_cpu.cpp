@@ -157,13 +157,8 @@ void bind_linear(py::module_& m) {
 AffineWeight affine_arg(const std::string& op, const py::array& codes, const py::array& scales,
                         const py::array& biases, const py::object& bits_arg, const py::object& group_arg,
                         int64_t cols) {
-  const int bits = Arg::integer_at_most(op, "bits", bits_arg, 8, "");
-  const int group_size = Arg::integer_at_most(op, "group_size", group_arg, 128, "");
-  if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  if (cols % group_size)
-    fail(op, "group_size " + std::to_string(group_size) + " does not divide the matrix's " + std::to_string(cols) + " columns");
+  const int bits = Arg::affine_bits(op, bits_arg);
+  const int group_size = Arg::affine_group_size(op, group_arg, cols);
   const int64_t rows = check_array(op, "codes", codes, {DType::U32}, {-1, cols * bits / 32})[0];
   check_contiguous(op, "codes", codes);
   check_array(op, "scales", scales, {DType::F32, DType::BF16, DType::F16}, {rows, cols / group_size});
@@ -211,9 +206,7 @@ void bind_affine(py::module_& m) {
         const py::array codes = Arg::array(op, "codes", codes_arg), scales = Arg::array(op, "scales", scales_arg),
                         biases = Arg::array(op, "biases", biases_arg);
         check_array(op, "codes", codes, {DType::U32}, {-1, -1});
-        const int b = Arg::integer_at_most(op, "bits", bits, 8, "");
-        if (b < 2 || b == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(b));
-        const int64_t D = codes.shape(1) * 32 / b;
+        const int64_t D = codes.shape(1) * 32 / Arg::affine_bits(op, bits);
         const AffineWeight w = affine_arg(op, codes, scales, biases, bits, group_size, D);
         const py::array ids = Arg::dense(op, "ids", ids_arg, {DType::I64}, 0);
         const int64_t V = codes.shape(0), n = ids.size();

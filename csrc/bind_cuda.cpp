@@ -215,13 +215,8 @@ void bind_tensors(py::module_& c) {
 AffineWeight affine_arg(const std::string& op, const py::object& codes_arg, const py::object& scales_arg,
                         const py::object& biases_arg, const py::object& bits_arg, const py::object& group_arg,
                         int64_t cols) {
-  const int bits = Arg::integer_at_most(op, "bits", bits_arg, 8, "");
-  const int group_size = Arg::integer_at_most(op, "group_size", group_arg, 128, "");
-  if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail(op, "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  if (cols % group_size)
-    fail(op, "group_size " + std::to_string(group_size) + " does not divide the matrix's " + std::to_string(cols) + " columns");
+  const int bits = Arg::affine_bits(op, bits_arg);
+  const int group_size = Arg::affine_group_size(op, group_arg, cols);
   const DeviceTensor& codes = Dev::dense(op, "codes", codes_arg, 2, DType::U32);
   const int64_t rows = Dev::check(op, "codes", codes, {DType::U32}, {-1, cols * bits / 32})[0];
   const DeviceTensor& scales = Dev::tensor(op, "scales", scales_arg);
@@ -256,9 +251,7 @@ void bind_ops(py::module_& c) {
                                const py::object& bits_arg, const py::object& group_size, const py::object& ids_arg) {
     const std::string op = "embedding_affine";
     const DeviceTensor& codes = Dev::dense(op, "codes", codes_arg, 2, DType::U32);
-    const int bits = Arg::integer_at_most(op, "bits", bits_arg, 8, "");
-    if (bits < 2 || bits == 7) fail(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
-    const int64_t D = codes.shape[1] * 32 / bits;
+    const int64_t D = codes.shape[1] * 32 / Arg::affine_bits(op, bits_arg);
     const AffineWeight w = affine_arg(op, codes_arg, scales, biases, bits_arg, group_size, D);
     const DeviceTensor ids = Dev::ids(op, ids_arg, codes.shape[0]);
     std::vector<int64_t> shape = ids.shape;

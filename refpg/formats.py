@@ -35,6 +35,8 @@ class Format(enum.Enum):
 
 STORAGE_DTYPE = {Format.F32: np.dtype(np.float32), Format.BF16: np.dtype(np.uint16),
                  Format.F16: np.dtype(np.float16), Format.AFFINE: np.dtype(np.uint32)}
+# safetensors dtype names of the per-element formats (a checkpoint's tensors, an affine matrix's scales)
+SAFETENSORS_FORMATS = {"F32": Format.F32, "BF16": Format.BF16, "F16": Format.F16}
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
 QUANTIZE_CHUNK = 1 << 24  # elements quantize works on at once: temporaries of 64 MB, whatever the matrix
@@ -91,6 +93,14 @@ class Matrix:
             return Matrix(self.data[ids], self.format, self.bits, self.group_size,
                           self.scales.rows(ids), self.biases.rows(ids))
         return Matrix(self.data[ids], self.format)
+
+
+def stored_format(dtype) -> Format:
+    """The per-element format a NumPy storage dtype holds: float32 F32, uint16 BF16 bits, float16 F16."""
+    for f in (Format.F32, Format.BF16, Format.F16):
+        if STORAGE_DTYPE[f] == np.dtype(dtype):
+            return f
+    raise TypeError(f"{np.dtype(dtype)} stores no per-element weight format (float32, uint16 bf16 bits, float16)")
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -24,13 +24,12 @@ import numpy as np
 
 from refpg.config import load_config
 from refpg.errors import ConfigError, InputError
-from refpg.formats import AFFINE_BITS, AFFINE_GROUP_SIZES, Format, f32_to_bf16, quantize, round_to
+from refpg.formats import AFFINE_BITS, AFFINE_GROUP_SIZES, SAFETENSORS_FORMATS, f32_to_bf16, quantize, round_to
 from refpg.safetensors_io import write_safetensors
 from refpg.weights import LM_HEAD, TEXT, VISION, _IGNORED_PREFIXES, hub_name, load_weights, open_checkpoint
 
 MAX_FILE_BYTES = 5 << 30  # mlx-vlm's save_weights: shards of at most 5 GB
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # torch_dtype -> safetensors
-FORMATS = {"F32": Format.F32, "BF16": Format.BF16, "F16": Format.F16}
 PATCH = VISION + "embeddings.patch_embedding.weight"
 
 
@@ -70,11 +69,11 @@ def quantize_checkpoint(model_dir: str, out_dir: str, bits: int, group_size: int
     for i, name in enumerate(sorted(names, key=hub_name)):
         f, hub = stored[name], hub_name(name)
         dtype = model_dtype or f.dtype(name)
-        if dtype not in FORMATS:  # F64 in the file: MLX would keep it; refpg's model reads float32
+        if dtype not in SAFETENSORS_FORMATS:  # F64 in the file: MLX would keep it; refpg's model reads float32
             dtype = "F32"
-        values = round_to(f.float32(name), FORMATS[dtype])  # the values in the model's dtype, as MLX sees them
+        values = round_to(f.float32(name), SAFETENSORS_FORMATS[dtype])  # the values in the model's dtype, as MLX sees them
         if is_quantized_matrix(hub, values.shape, group_size):
-            m = quantize(values, bits, group_size, FORMATS[dtype])
+            m = quantize(values, bits, group_size, SAFETENSORS_FORMATS[dtype])
             module = hub[:-len(".weight")]
             tensors[module + ".weight"] = ("U32", m.data)
             tensors[module + ".scales"] = (dtype, m.scales.data)

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from refpg.config import PaliGemmaConfig
-from refpg.formats import STORAGE_DTYPE, Format, Matrix, encode
+from refpg.formats import SAFETENSORS_FORMATS, STORAGE_DTYPE, Format, Matrix, encode
 from refpg.safetensors_io import CheckpointError, SafetensorsFile
 
 
@@ -320,7 +320,7 @@ def load_weights(model_dir: str, cfg: PaliGemmaConfig, progress: Callable[[int, 
             if not all_finite(raw):
                 raise CheckpointError(f"{f.path}: tensor {name!r} holds NaN or infinite values "
                                       f"(a corrupt or diverged checkpoint)")
-            groups.append(Matrix(raw, {"F32": Format.F32, "BF16": Format.BF16, "F16": Format.F16}[f.dtype(name)]))
+            groups.append(Matrix(raw, SAFETENSORS_FORMATS[f.dtype(name)]))
         done += 3
         if progress is not None:
             progress(done, total)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refpg import ops
-from refpg.formats import Format, Matrix
+from refpg.formats import Format, Matrix, stored_format
 
 compiled = True
 transfers = {"upload": 0, "download": 0}
@@ -144,14 +144,14 @@ def scatter_rows(dst, rows, src):
 def _matrix(t, name) -> Matrix:
     """A weight as the binding reads it: float32, or bf16 bits (uint16)."""
     data = _dense(t, name)
-    return Matrix(data, Format.BF16 if data.dtype == np.uint16 else Format.F32)
+    return Matrix(data, stored_format(data.dtype))
 
 
 def _affine(codes, scales, biases, bits, group_size) -> Matrix:
     """An MLX affine matrix as the binding reads it (the scales' dtype says their format)."""
-    fmt = {np.dtype(np.float32): Format.F32, np.dtype(np.uint16): Format.BF16, np.dtype(np.float16): Format.F16}
     s, b = _dense(scales, "scales"), _dense(biases, "biases")
-    return Matrix(_dense(codes, "codes"), Format.AFFINE, bits, group_size, Matrix(s, fmt[s.dtype]), Matrix(b, fmt[b.dtype]))
+    return Matrix(_dense(codes, "codes"), Format.AFFINE, bits, group_size, Matrix(s, stored_format(s.dtype)),
+                  Matrix(b, stored_format(b.dtype)))
 
 
 def linear_affine(x, codes, scales, biases, bits, group_size, b=None):

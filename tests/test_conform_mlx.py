@@ -21,7 +21,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import run_python
+from conftest import reference_on, run_python
 from refpg.conform.adapters import AdapterUnavailable, RefpgAdapter, make_adapter
 from refpg.conform.cases import BY_NAME, CASES, Inputs, write_case_checkpoint
 from refpg.conform.checkpoint import IMAGE_TOKEN
@@ -199,21 +199,10 @@ def test_a_checkpoint_mlx_vlm_refuses_is_an_error_on_one_line_saying_where(adapt
     with open(path, "wb") as f:  # a tensor renamed in the header: mlx lists it on a line of its own
         f.write(data.replace(UP, UP.replace(b"up_proj", b"up_prox")))
     result = check(adapter, case.name, case.rule, broken, case.inputs(case.config()), 1.0,
-                   reference=ReferenceOn(intact))  # even at tol 1
+                   reference=reference_on(intact))  # even at tol 1
     assert result.status == "error", result
     assert "\n" not in result.error and "layers.1.mlp.up_prox.weight" in result.error, result.error
     assert re.search(r"\(\w+\.py:\d+\)$", result.error), result.error
-
-
-class ReferenceOn(RefpgAdapter):
-    """The reference run on the intact checkpoint (refpg itself refuses a broken one)."""
-
-    def __init__(self, model_dir: str):
-        super().__init__("numpy")
-        self.model_dir = model_dir
-
-    def run(self, case, model_dir, inputs):
-        return super().run(case, self.model_dir, inputs)
 
 
 # ---- without mlx -----------------------------------------------------------------------------------

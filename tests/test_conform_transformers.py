@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import run_python
+from conftest import reference_on, run_python
 from refpg.conform.adapters import AdapterUnavailable, RefpgAdapter, make_adapter
 from refpg.conform.cases import BY_NAME, CASES, Inputs, write_case_checkpoint
 from refpg.conform.run import max_rel, run_case, run_suite
@@ -102,17 +102,6 @@ def edit_tensors(model_dir: str, edit) -> None:
     save_file(tensors, path)
 
 
-class ReferenceOn(RefpgAdapter):
-    """The reference run on the intact checkpoint (refpg itself refuses a broken one)."""
-
-    def __init__(self, model_dir: str):
-        super().__init__("numpy")
-        self.model_dir = model_dir
-
-    def run(self, case, model_dir, inputs):
-        return super().run(case, self.model_dir, inputs)
-
-
 UP = "language_model.model.layers.1.mlp.up_proj.weight"
 DEFECTS = {  # what is done to the checkpoint -> what the error says
     "renamed": (lambda t: t.__setitem__(UP.replace("up_proj", "up_prox"), t.pop(UP)),
@@ -130,7 +119,7 @@ def test_a_checkpoint_loaded_only_in_part_fails_its_case(adapter, root, tmp_path
     case = BY_NAME["core"]
     intact = write_case_checkpoint(case, root)
     edit_tensors(shutil.copytree(intact, tmp_path / case.checkpoint), edit)
-    result = run_case(adapter, case, str(tmp_path), 1.0, reference=ReferenceOn(intact))  # even at tol 1
+    result = run_case(adapter, case, str(tmp_path), 1.0, reference=reference_on(intact))  # even at tol 1
     assert result.status == "error", result
     assert "only in part" in result.error and "\n" not in result.error
     for needle in says:

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from refpg import backend, ops
-from refpg.formats import Format, Matrix, f32_to_bf16, quantize
+from refpg.formats import Format, Matrix, f32_to_bf16, quantize, stored_format
 
 SEED = 15
 CALLS_PER_OP = 48
@@ -52,7 +52,7 @@ def randn(rng, *shape, scale=1.0):
 
 def as_matrix(w) -> Matrix:
     """A weight as the binding reads it (float32, or bf16 bits as uint16), for the twin."""
-    return Matrix(w, Format.BF16 if np.asarray(w).dtype == np.uint16 else Format.F32)
+    return Matrix(w, stored_format(np.asarray(w).dtype))
 
 
 def bf16_or_f32(rng, w):
@@ -117,8 +117,7 @@ def affine_weight(rng, rows, d) -> dict:
 
 def affine_matrix(a) -> Matrix:
     """The twin's view of the binding's arguments (the scales' dtype says their format)."""
-    fmt = {np.dtype(np.float32): Format.F32, np.dtype(np.uint16): Format.BF16, np.dtype(np.float16): Format.F16}
-    part = lambda v: Matrix(v, fmt[np.asarray(v).dtype])  # noqa: E731
+    part = lambda v: Matrix(v, stored_format(np.asarray(v).dtype))  # noqa: E731
     return Matrix(a["codes"], Format.AFFINE, a["bits"], a["group_size"], part(a["scales"]), part(a["biases"]))
 
 

@@ -23,8 +23,8 @@ from refpg import PaliGemma, backend
 from refpg.conform.cases import tiny_config
 from refpg.conform.checkpoint import write_checkpoint
 from refpg.errors import BackendError, CheckpointError, ConfigError
-from refpg.formats import (AFFINE_BITS, AFFINE_GROUP_SIZES, Format, Matrix, encode, f32_to_bf16, pack_codes, quantize,
-                           round_to, to_float32, unpack_codes)
+from refpg.formats import (AFFINE_BITS, AFFINE_GROUP_SIZES, Format, Matrix, pack_codes, quantize, round_to, to_float32,
+                           unpack_codes)
 from refpg.ops import embedding
 from refpg.safetensors_io import SafetensorsFile, write_safetensors
 

@@ -468,11 +468,12 @@ def main(argv=None) -> None:
     if have_cpp and not args.no_cpp and args.batch_sizes.strip():
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         steps = time_batch_decode(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, sizes, args.decode_steps)
-        print(f"\ndecode batches, refpg cpp bf16 (one token per row per step, through the cache)")
-        print(f"{'rows':>6s} {'ms / step':>10s} {'tokens/s':>10s} {'step vs 1 row':>14s} {'tokens/s vs 1 row':>18s}")
-        one = steps[sizes[0]] / sizes[0] if sizes[0] != 1 else steps[1]
+        base = sizes[0]  # the row count the others are compared with (1 by default)
+        print("\ndecode batches, refpg cpp bf16 (one token per row per step, through the cache)")
+        print(f"{'rows':>6s} {'ms / step':>10s} {'tokens/s':>10s} {f'step vs {base}':>14s} {f'tokens/s vs {base}':>18s}")
         for B, t in steps.items():
-            print(f"{B:6d} {t * 1e3:10.1f} {B / t:10.1f} {t / one:13.2f}x {B / t * one:17.2f}x")
+            print(f"{B:6d} {t * 1e3:10.1f} {B / t:10.1f} {t / steps[base]:13.2f}x "
+                  f"{B / t / (base / steps[base]):17.2f}x")
     if have_cpp and not args.no_cpp and not args.no_threads:
         by_threads = time_threads(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
         print("\nthreads, refpg cpp bf16 (refpg._C.set_num_threads)")
