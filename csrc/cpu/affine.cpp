@@ -42,6 +42,29 @@ inline float value_at(const void* p, WeightFormat f, int64_t i) {
   }
 }
 
+// values_at(p, f, first + i) for i < n into out (the format switch outside the loop).
+void values_at(const void* p, WeightFormat f, int64_t first, int64_t n, float* out) {
+  switch (f) {
+    case WeightFormat::BF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(static_cast<const uint16_t*>(p)[first + i]);
+      return;
+    case WeightFormat::F16:
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(static_cast<const _Float16*>(p)[first + i]);
+      return;
+    default: std::memcpy(out, static_cast<const float*>(p) + first, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
+// Σ a_i·b_i in four interleaved partial sums (independent chains, not one n-long one).
+float dot4(const float* a, const float* b, int64_t n) {
+  float acc[4] = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 // Code i of a row's bit stream (least significant bit first).
 inline uint32_t code_at(const uint32_t* words, int bits, int64_t i) {
   const int64_t bit = i * bits;
@@ -192,7 +215,7 @@ float dot_scalar(const uint32_t* codes, int bits, int gs, int64_t groups, const 
 // `stride` bytes apart; s[r * groups + g] are the rows' scales as float32.
 template <int R>
 REFPG_TARGET_AVX2 void dot4_avx2(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                 const float* s, float* out) {
+                                 const float* s, const uint8_t* ahead, float* out) {
   const __m256i low = _mm256_set1_epi32(0xF);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -202,6 +225,7 @@ REFPG_TARGET_AVX2 void dot4_avx2(const uint8_t* bytes, int64_t stride, int gs, i
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {  // 16 codes in 8 bytes
       const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
       for (int r = 0; r < R; ++r) {
+        if ((k & 127) == 0) prefetch(ahead + r * stride + k / 2);  // one per 64-byte line
         const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + r * stride + k / 2));
         const __m256i v = _mm256_cvtepu8_epi32(b);
         d[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x0, d[r][0]);
@@ -216,7 +240,7 @@ REFPG_TARGET_AVX2 void dot4_avx2(const uint8_t* bytes, int64_t stride, int gs, i
 
 template <int R>
 REFPG_TARGET_AVX2 void dot8_avx2(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                 const float* s, float* out) {
+                                 const float* s, const uint8_t* ahead, float* out) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -225,6 +249,7 @@ REFPG_TARGET_AVX2 void dot8_avx2(const uint8_t* bytes, int64_t stride, int gs, i
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {  // 16 codes in 16 bytes
       const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
       for (int r = 0; r < R; ++r) {
+        if ((k & 63) == 0) prefetch(ahead + r * stride + k);  // one per 64-byte line
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + r * stride + k));
         d[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), x0, d[r][0]);
         d[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), x1, d[r][1]);
@@ -238,7 +263,7 @@ REFPG_TARGET_AVX2 void dot8_avx2(const uint8_t* bytes, int64_t stride, int gs, i
 
 template <int R>
 REFPG_TARGET_AVX512 void dot4_avx512(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                     const float* s, float* out) {
+                                     const float* s, const uint8_t* ahead, float* out) {
   const __m512i low = _mm512_set1_epi32(0xF);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -248,6 +273,7 @@ REFPG_TARGET_AVX512 void dot4_avx512(const uint8_t* bytes, int64_t stride, int g
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {  // 32 codes in 16 bytes
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
       for (int r = 0; r < R; ++r) {
+        if ((k & 127) == 0) prefetch(ahead + r * stride + k / 2);  // one per 64-byte line
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + r * stride + k / 2)));
         d[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), x0, d[r][0]);
         d[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), x1, d[r][1]);
@@ -261,7 +287,7 @@ REFPG_TARGET_AVX512 void dot4_avx512(const uint8_t* bytes, int64_t stride, int g
 
 template <int R>
 REFPG_TARGET_AVX512 void dot8_avx512(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                     const float* s, float* out) {
+                                     const float* s, const uint8_t* ahead, float* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -271,6 +297,7 @@ REFPG_TARGET_AVX512 void dot8_avx512(const uint8_t* bytes, int64_t stride, int g
       const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
       for (int r = 0; r < R; ++r) {
         const uint8_t* row = bytes + r * stride + k;
+        if ((k & 63) == 0) prefetch(ahead + r * stride + k);  // one per 64-byte line
         const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
         const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
         d[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), x0, d[r][0]);
@@ -297,12 +324,12 @@ constexpr int kRows = 4;  // W rows per vector dot call
 
 template <int R>
 void dot_rows(Dot dot, const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x, const float* s,
-              float* out) {
+              const uint8_t* ahead, float* out) {
   switch (dot) {
-    case Dot::Avx2x4: return dot4_avx2<R>(bytes, stride, gs, groups, x, s, out);
-    case Dot::Avx2x8: return dot8_avx2<R>(bytes, stride, gs, groups, x, s, out);
-    case Dot::Avx512x4: return dot4_avx512<R>(bytes, stride, gs, groups, x, s, out);
-    case Dot::Avx512x8: return dot8_avx512<R>(bytes, stride, gs, groups, x, s, out);
+    case Dot::Avx2x4: return dot4_avx2<R>(bytes, stride, gs, groups, x, s, ahead, out);
+    case Dot::Avx2x8: return dot8_avx2<R>(bytes, stride, gs, groups, x, s, ahead, out);
+    case Dot::Avx512x4: return dot4_avx512<R>(bytes, stride, gs, groups, x, s, ahead, out);
+    case Dot::Avx512x8: return dot8_avx512<R>(bytes, stride, gs, groups, x, s, ahead, out);
     case Dot::Scalar: break;
   }
 }
@@ -317,11 +344,11 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
     std::vector<float> s(static_cast<size_t>(kRows * groups)), b(static_cast<size_t>(kRows * groups));
     for (int64_t n = n0; n < n1; n += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - n));
-      for (int64_t i = 0; i < rows * groups; ++i) {
-        s[i] = value_at(w.scales, w.scale_format, n * groups + i);
-        b[i] = value_at(w.biases, w.scale_format, n * groups + i);
-      }
+      values_at(w.scales, w.scale_format, n * groups, rows * groups, s.data());
+      values_at(w.biases, w.scale_format, n * groups, rows * groups, b.data());
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words);
+      // the next tile's rows, fetched while this one is computed (itself for the last tile)
+      const uint8_t* ahead = n + 2 * kRows <= n1 ? bytes + kRows * stride : bytes;
       for (int64_t m = 0; m < p.M; ++m) {
         const float* x = xs[m].x.data();
         float d[kRows] = {};
@@ -329,14 +356,13 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
           for (int r = 0; r < rows; ++r)
             d[r] = dot_scalar(w.codes + (n + r) * words, w.bits, w.group_size, groups, x, s.data() + r * groups);
         } else if (rows == kRows) {
-          dot_rows<kRows>(dot, bytes, stride, w.group_size, groups, x, s.data(), d);
+          dot_rows<kRows>(dot, bytes, stride, w.group_size, groups, x, s.data(), m + 1 == p.M ? ahead : bytes, d);
         } else {
           for (int r = 0; r < rows; ++r)
-            dot_rows<1>(dot, bytes + r * stride, stride, w.group_size, groups, x, s.data() + r * groups, d + r);
+            dot_rows<1>(dot, bytes + r * stride, stride, w.group_size, groups, x, s.data() + r * groups, bytes, d + r);
         }
         for (int r = 0; r < rows; ++r) {
-          float biases = 0.0f;  // Σ_g b_g · Σ x over group g
-          for (int64_t g = 0; g < groups; ++g) biases += b[r * groups + g] * xs[m].sums[g];
+          const float biases = dot4(b.data() + r * groups, xs[m].sums.data(), groups);  // Σ_g b_g · Σ x over g
           p.y[m * p.ldy + n + r] = d[r] + biases + (p.bias ? p.bias[n + r] : 0.0f);
         }
       }
