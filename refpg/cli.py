@@ -30,6 +30,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_prompt(args.prompt)
     if args.draw:
         check_output(args.draw, "--draw", image=True)
+    from refpg.segmentation import load_vae
+
+    vae = load_vae(args.vae)  # a bad file fails before the slow load, too
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(args.model)
     batch = proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow load
@@ -55,17 +58,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(text.push(int(step[0])))  # whole characters only, as they complete
         sys.stdout.flush()
     sys.stdout.write(text.flush() + "\n")
-    if args.draw:
-        from refpg.detection import draw_detections, parse_detections
-        from refpg.processor import open_image
-
-        image = open_image(args.image)
-        boxes = parse_detections(proc.decode(answer), *image.size)
-        draw_detections(image, boxes, args.draw)
-        log(f"drew {len(boxes)} box(es) on {args.draw}")
+    if args.draw or "<seg" in proc.decode(answer):
+        draw_answer(proc.decode(answer), args.image, args.draw, vae)
     total = time.perf_counter() - t1
     rest = f", then {(total - first) / (n - 1) * 1000:.0f} ms/token" if first is not None and n > 1 else ""
     log(f"{n} tokens in {total:.2f} s (prefill + first token {first or 0:.2f} s{rest})")
+
+
+def draw_answer(answer: str, image_path: str, out: str | None, vae) -> None:
+    """Decode the answer's masks (<seg> codes, with the VQ-VAE) or boxes; draw them on the image into `out`."""
+    from refpg.detection import draw_detections, parse_detections
+    from refpg.processor import open_image
+    from refpg.segmentation import VAE_ENV, parse_segments
+
+    image = open_image(image_path)
+    if "<seg" in answer and vae is None:
+        log(f"the answer holds <seg> codes: give --vae vae-oid.npz (or set {VAE_ENV}) to decode its masks")
+    if "<seg" in answer and vae is not None:
+        segments = parse_segments(answer, *image.size, vae)
+        for i, seg in enumerate(segments):
+            if seg.problem:
+                log(f"object {i + 1} ({seg.label or 'no label'}): no mask, {seg.problem}")
+        valid = [seg for seg in segments if seg.problem is None]
+        log(f"decoded {len(valid)} mask(s)" + (f" of {len(segments)} objects" if len(valid) < len(segments) else ""))
+        if out:
+            draw_detections(image, [seg.box for seg in valid], out, masks=[seg.mask for seg in valid])
+            log(f"drew {len(valid)} mask(s) with their boxes on {out}")
+        return
+    if out:
+        boxes = parse_detections(answer, *image.size)
+        draw_detections(image, boxes, out)
+        log(f"drew {len(boxes)} box(es) on {out}")
 
 
 # Held-out scenes (training used seeds from 1000 up, tools/eval_demo.py 0-299) with 2, 3 and 1 shapes,
@@ -308,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--draw", default=None, metavar="OUT.png",
-                   help="save the image with the detected boxes (<loc…> groups in the answer) drawn on it")
+                   help="save the image with the detected boxes (<loc…> groups in the answer) drawn on it, "
+                        "and the masks of a segmentation answer (with --vae)")
+    g.add_argument("--vae", default=None, metavar="FILE.npz",
+                   help="the VQ-VAE that decodes <seg> codes into masks (big_vision's vae-oid.npz layout; "
+                        "default: $REFPG_VAE)")
     g.add_argument("--backend", default=None,
                    help="numpy | cpp | auto | per op, e.g. matmul=cpp,attention=numpy "
                         "(default: $REFPG_BACKEND, else auto = the fastest available)")

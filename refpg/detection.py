@@ -52,13 +52,21 @@ def iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def draw_detections(image, boxes: list[Box], path: str) -> None:
-    """Save image (a PIL image) with each box and its label drawn on it."""
-    from PIL import ImageDraw
+def draw_detections(image, boxes: list[Box], path: str, masks: list | None = None) -> None:
+    """Save image (a PIL image) with each box and its label drawn on it; with `masks` (bool
+    [height, width] arrays, one per box, or None), each mask filled semi-transparently in its box's colour."""
+    import numpy as np
+    from PIL import Image, ImageDraw
 
     img = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(img)
     palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+    if masks:
+        pixels = np.asarray(img, np.float32)  # [H, W, 3]
+        for i, mask in enumerate(masks):
+            if mask is not None:
+                pixels[mask] = 0.55 * pixels[mask] + 0.45 * np.array(palette[i % len(palette)], np.float32)
+        img = Image.fromarray(pixels.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
     for i, b in enumerate(boxes):
         color = palette[i % len(palette)]
         draw.rectangle([b.x0, b.y0, b.x1, b.y1], outline=color, width=max(1, min(img.size) // 150))
