@@ -344,6 +344,9 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
         ("linear 266x2048 @ 2048x16384 (bf16 W)", "linear", (x266, w_up16)),
         ("linear 1x2048 @ 2048x16384 (fp32 W)", "linear", (x1, w_up)),
         ("linear 1x2048 @ 2048x16384 (bf16 W)", "linear", (x1, w_up16)),
+        ("linear 1x2048 @ 2048x16384 (8-bit W)", "linear", (x1, quantize(w_up.data, 8, 64, Format.BF16))),
+        ("linear 1x2048 @ 2048x16384 (4-bit W)", "linear", (x1, quantize(w_up.data, 4, 64, Format.BF16))),
+        ("linear 266x2048 @ 2048x16384 (4-bit W)", "linear", (x266, quantize(w_up.data, 4, 64, Format.BF16))),
         ("attention prefill 266x266, 8 heads, MQA", "attention", (q, kv, kv, mask, 1 / 16, None)),
         ("attention decode 1x266, 8 heads, MQA", "attention", (q[:, -1:], kv, kv, mask[:, -1:], 1 / 16, None)),
         ("rms_norm 266x2048", "rms_norm", (x266, x266[0], 1e-6)),
@@ -355,6 +358,8 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
     for be in ("cpp", "cuda", "numpy"):
         for name, op, args in cases:
             times = times_of[name]
+            if be == "cuda" and any(isinstance(a, Matrix) and a.format is Format.AFFINE for a in args):
+                continue  # quantized matrices go to the GPU through Selection.prepare_weights, not timed here
             if be in backend.OPS[op] and be not in backend.UNAVAILABLE:
                 fn = backend.OPS[op][be]
                 if be == "cuda":  # inputs already on the GPU; time until the kernels finish
