@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_output(args.draw, "--draw", image=True)
     from refpg.segmentation import load_vae
 
-    vae = load_vae(args.vae)  # a bad file fails before the slow load, too
+    vae = load_vae(args.vae, beside=args.model)  # a bad file fails before the slow load, too
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(args.model)
     batch = proc(images=[args.image], prompts=[args.prompt])  # a bad image fails before the slow load
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the masks of a segmentation answer (with --vae)")
     g.add_argument("--vae", default=None, metavar="FILE.npz",
                    help="the VQ-VAE that decodes <seg> codes into masks (big_vision's vae-oid.npz layout; "
-                        "default: $REFPG_VAE)")
+                        "default: $REFPG_VAE, else a vae.npz in the --model directory)")
     g.add_argument("--backend", default=None,
                    help="numpy | cpp | auto | per op, e.g. matmul=cpp,attention=numpy "
                         "(default: $REFPG_BACKEND, else auto = the fastest available)")

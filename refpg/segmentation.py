@@ -41,6 +41,12 @@ LOC_MAX = 1023  # big_vision bins a normalized box as round(b · 1023)
 VAE_ENV = "REFPG_VAE"
 
 # The decoder's layers in the order they run: (kind, state-dict prefix).
+# The encoder (big_vision/pp/proj/paligemma/segmentation.py: what turns a training mask into codes):
+# four stride-2 convs with ReLU, two residual blocks, a last conv to the code vectors; kernel sizes
+# as the file has them, TensorFlow's 'SAME' padding.
+_ENCODER_LAYERS = [("down", "encoder.0"), ("down", "encoder.2"), ("down", "encoder.4"), ("down", "encoder.6"),
+                   ("res", "encoder.8.net"), ("res", "encoder.9.net"), ("out", "encoder.10")]
+
 # Kernel sizes are big_vision's Decoder's (1×1 in and out, 3×3 / 3×3 / 1×1 residual convs, 4×4 up).
 _LAYERS = [("in", "decoder.0"),
            ("res", "decoder.2.net"), ("res", "decoder.3.net"),
@@ -50,16 +56,20 @@ _LAYERS = [("in", "decoder.0"),
 
 # ---- the layers (x is [N, H, W, C], weights as stored) ----------------------------------------------
 
-def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """'same' convolution, stride 1, odd kernel: weight [C_out, C_in, k, k] -> [N, H, W, C_out]."""
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
+    """Convolution with TensorFlow's 'SAME' padding: weight [C_out, C_in, k, k] -> [N, ⌈H/s⌉, ⌈W/s⌉, C_out].
+    The padding totals (out - 1)·s + k - in, the smaller half before (for stride 1 and odd k: k // 2
+    on each side, as flax's padding=1 for 3×3)."""
     k = weight.shape[-1]
-    p = k // 2
     n, h, w, _ = x.shape
-    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    y = np.broadcast_to(bias, (n, h, w, weight.shape[0])).astype(np.float32)
+    out_h, out_w = -(-h // stride), -(-w // stride)
+    pad_h, pad_w = max((out_h - 1) * stride + k - h, 0), max((out_w - 1) * stride + k - w, 0)
+    xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    y = np.broadcast_to(bias, (n, out_h, out_w, weight.shape[0])).astype(np.float32)
     for a in range(k):
         for b in range(k):
-            y = y + xp[:, a:a + h, b:b + w, :] @ weight[:, :, a, b].T  # [N, H, W, C_out]
+            window = xp[:, a:a + (out_h - 1) * stride + 1:stride, b:b + (out_w - 1) * stride + 1:stride, :]
+            y = y + window @ weight[:, :, a, b].T  # [N, out_h, out_w, C_out]
     return y
 
 
@@ -96,9 +106,10 @@ def res_block(x: np.ndarray, convs: list[tuple[np.ndarray, np.ndarray]]) -> np.n
 class VQVAE:
     """The mask decoder of a `vae-oid.npz`-layout file: `VQVAE.load(path).decode(codes)`."""
 
-    def __init__(self, codebook: np.ndarray, layers: list):
+    def __init__(self, codebook: np.ndarray, layers: list, encoder: list | None = None):
         self.codebook = codebook  # [codes, D]
         self.layers = layers      # [(kind, [(weight, bias), …])] in _LAYERS order
+        self.encoder = encoder    # the same for _ENCODER_LAYERS, where the file has them
 
     @property
     def num_codes(self) -> int:
@@ -153,7 +164,22 @@ class VQVAE:
             channels = convs[-1][0].shape[1] if kind == "up" else convs[-1][0].shape[0]
         if channels != 1:
             raise CheckpointError(f"{name}: decoder.12 must give one channel (the mask), gives {channels}")
-        return cls(codebook, layers)
+        encoder = None
+        if any(k.startswith("encoder.") for k in tensors):
+            channels, encoder = 1, []
+            for kind, prefix in _ENCODER_LAYERS:
+                convs, c_in = [], channels
+                for conv_name in ([prefix + c for c in (".0", ".2", ".4")] if kind == "res" else [prefix]):
+                    convs.append(layer(conv_name, c_in, False, get(conv_name + ".weight", 4).shape[2]))
+                    c_in = convs[-1][0].shape[0]
+                if kind == "res" and c_in != channels:
+                    raise CheckpointError(f"{name}: the residual block {prefix} must keep {channels} channels")
+                encoder.append((kind, convs))
+                channels = c_in
+            if channels != codebook.shape[1]:
+                raise CheckpointError(f"{name}: encoder.10 gives {channels} channels, the codebook's vectors "
+                                      f"have {codebook.shape[1]}")
+        return cls(codebook, layers, encoder)
 
     def decode(self, codes) -> np.ndarray:
         """int codes [N, 16] -> mask logits float32 [N, 64, 64] (big_vision's reconstruct_masks, before
@@ -177,13 +203,37 @@ class VQVAE:
         return x[..., 0].astype(np.float32)  # [N, 64, 64]
 
 
-def load_vae(path: str | os.PathLike | None = None) -> VQVAE | None:
-    """The VQ-VAE at `path`, else at $REFPG_VAE, else None."""
+def encode_masks(vae: VQVAE, masks) -> np.ndarray:
+    """masks float [N, 64, 64] in [0, 1] (the object's box, resized) -> codes int64 [N, 16]: the
+    encoder, then each of the 4 × 4 vectors' nearest codebook row (big_vision's
+    encode_to_codebook_indices)."""
+    if vae.encoder is None:
+        raise InputError("this VQ-VAE file has no encoder (encoder.* tensors): it can decode masks, not encode them")
+    masks = np.asarray(masks, np.float32)
+    if masks.ndim != 3 or masks.shape[1:] != (64, 64):
+        raise InputError(f"masks must be [N, 64, 64], got {list(masks.shape)}")
+    x = (2.0 * (masks - 0.5))[..., None]  # [N, 64, 64, 1] in [-1, 1]
+    for kind, convs in vae.encoder:
+        if kind == "down":
+            x = relu(conv2d(x, *convs[0], stride=2))  # [N, H/2, W/2, C]
+        elif kind == "res":
+            x = res_block(x, convs)
+        else:
+            x = conv2d(x, *convs[0])  # [N, 4, 4, D]
+    flat = x.reshape(-1, vae.codebook.shape[1])  # [N·16, D]
+    distances = (flat ** 2).sum(1, keepdims=True) + (vae.codebook ** 2).sum(1) - 2 * flat @ vae.codebook.T
+    return distances.argmin(1).reshape(len(masks), NUM_TOKENS).astype(np.int64)
+
+
+def load_vae(path: str | os.PathLike | None = None, beside: str | os.PathLike | None = None) -> VQVAE | None:
+    """The VQ-VAE at `path`, else at $REFPG_VAE, else `vae.npz` in the checkpoint directory `beside`
+    (where the demo model keeps its own), else None."""
     if path is not None:
         return VQVAE.load(path)
     env = os.environ.get(VAE_ENV, "").strip()
     if not env:
-        return None
+        own = os.path.join(beside, "vae.npz") if beside is not None else None
+        return VQVAE.load(own) if own and os.path.isfile(own) else None
     try:
         return VQVAE.load(env)
     except CheckpointError as e:

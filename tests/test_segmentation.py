@@ -19,11 +19,20 @@ nn = torch.nn
 
 def vae_state_dict(rng, codes=128, dim=512, channels=128, scale=0.1) -> dict[str, np.ndarray]:
     """Random tensors with the names and PyTorch layouts of big_vision's vae-oid.npz (codebook
-    [128, 512], 128 decoder channels), plus an encoder tensor the decoder must ignore."""
+    [128, 512], 128 decoder channels), with an encoder (four stride-2 4×4 convs, two residual
+    blocks, a 1×1 conv to the code vectors)."""
     def t(*shape):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    sd = {"_vq_vae._embedding": t(codes, dim), "encoder.0.weight": t(channels // 8, 1, 3, 3), "encoder.0.bias": t(channels // 8)}
+    sd = {"_vq_vae._embedding": t(codes, dim)}
+    c_in = 1
+    for i, c_out in ((0, channels // 8), (2, channels // 4), (4, channels // 2), (6, channels)):
+        sd[f"encoder.{i}.weight"], sd[f"encoder.{i}.bias"] = t(c_out, c_in, 4, 4) * 3, t(c_out)
+        c_in = c_out
+    for block in ("encoder.8.net", "encoder.9.net"):
+        for i, k in ((0, 3), (2, 3), (4, 1)):
+            sd[f"{block}.{i}.weight"], sd[f"{block}.{i}.bias"] = t(channels, channels, k, k), t(channels)
+    sd["encoder.10.weight"], sd["encoder.10.bias"] = t(dim, channels, 1, 1), t(dim)
     sd["decoder.0.weight"], sd["decoder.0.bias"] = t(channels, dim, 1, 1), t(channels)
     for block in ("decoder.2.net", "decoder.3.net"):
         for i, k in ((0, 3), (2, 3), (4, 1)):
@@ -59,6 +68,21 @@ def torch_decoder(sd: dict[str, np.ndarray]):
     return decoder
 
 
+def torch_codes(sd, masks: np.ndarray) -> np.ndarray:
+    """The encoder as torch layers (stride-2 4×4 convs with padding 1: TensorFlow's SAME on even
+    sizes), then the nearest codebook row."""
+    c = [sd[f"encoder.{i}.weight"].shape[0] for i in (0, 2, 4, 6)]
+    encoder = nn.Sequential(nn.Conv2d(1, c[0], 4, 2, 1), nn.ReLU(), nn.Conv2d(c[0], c[1], 4, 2, 1), nn.ReLU(),
+                            nn.Conv2d(c[1], c[2], 4, 2, 1), nn.ReLU(), nn.Conv2d(c[2], c[3], 4, 2, 1), nn.ReLU(),
+                            ResBlock(c[3]), ResBlock(c[3]), nn.Conv2d(c[3], sd["encoder.10.weight"].shape[0], 1))
+    encoder.load_state_dict({k[len("encoder."):]: torch.from_numpy(v) for k, v in sd.items()
+                             if k.startswith("encoder.")}, strict=True)
+    with torch.no_grad():
+        z = encoder(torch.from_numpy(2 * masks[:, None] - 1))  # [N, D, 4, 4]
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return torch.cdist(flat, torch.from_numpy(sd["_vq_vae._embedding"])).argmin(1).reshape(len(masks), 16).numpy()
+
+
 def torch_masks(sd, codes: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(sd["_vq_vae._embedding"][codes].reshape(len(codes), 4, 4, -1)).permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -82,6 +106,24 @@ def test_decoder_equals_torch_nn_layers_on_the_vae_oid_layout(tmp_path, codes, d
     assert got.shape == (3, 64, 64) and got.dtype == np.float32
     assert rel_err(got, want) <= 1e-5, rel_err(got, want)
     assert np.abs(want).max() > 1e-3  # the comparison is not between two near-zero maps
+
+
+def test_encoder_gives_the_codes_of_the_same_network_in_torch(tmp_path):
+    from refpg.segmentation import encode_masks
+
+    rng = np.random.default_rng(5)
+    sd = vae_state_dict(rng, 64, 8, 16)
+    vae = VQVAE.load(write(tmp_path, sd))
+    masks = (rng.random((6, 64, 64)) < np.linspace(0.1, 0.9, 6)[:, None, None]).astype(np.float32)
+    codes = encode_masks(vae, masks)
+    assert codes.shape == (6, 16) and codes.dtype == np.int64
+    np.testing.assert_array_equal(codes, torch_codes(sd, masks))
+    assert len(np.unique(codes)) > 4  # not one code for everything
+    no_encoder = VQVAE.from_state_dict({k: v for k, v in sd.items() if not k.startswith("encoder.")})
+    with pytest.raises(InputError, match="no encoder"):
+        encode_masks(no_encoder, masks)
+    with pytest.raises(InputError, match=r"\[N, 64, 64\]"):
+        encode_masks(vae, masks[:, :32])
 
 
 @pytest.mark.parametrize("h,w,c_in,c_out", [(1, 1, 1, 1), (4, 4, 3, 5), (3, 5, 2, 4), (8, 8, 16, 8)])
@@ -245,3 +287,33 @@ def test_cli_draws_the_masks_of_a_segmentation_answer(tmp_path, monkeypatch, cap
     inside, outside = drawn[10, 10], drawn[30, 60]  # the mask covers rows 0-19, columns 0-39
     assert tuple(outside) == (128, 128, 128)
     assert tuple(inside) != (128, 128, 128)  # tinted by the mask
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 2, 8), (4, 2, 8), (3, 1, 5), (1, 1, 4), (4, 2, 5)])
+def test_conv2d_pads_as_tensorflows_same(k, stride, size):
+    """TensorFlow's SAME: output ⌈in / stride⌉, padding (out - 1)·stride + k - in in all, the smaller
+    half before (e.g. k 3, stride 2, 8 pixels: 0 before, 1 after), which big_vision's encoder uses."""
+    from refpg.segmentation import conv2d
+
+    rng = np.random.default_rng(k * 10 + stride + size)
+    x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    weight, bias = rng.standard_normal((5, 3, k, k)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    before, after = total // 2, total - total // 2
+    padded = torch.nn.functional.pad(torch.from_numpy(x).permute(0, 3, 1, 2), (before, after, before, after))
+    want = torch.nn.functional.conv2d(padded, torch.from_numpy(weight), torch.from_numpy(bias), stride=stride)
+    got = conv2d(x, weight, bias, stride=stride)
+    assert got.shape == (2, out, out, 5)
+    assert rel_err(got, want.permute(0, 2, 3, 1).numpy()) <= 1e-6
+
+
+def test_a_vae_npz_beside_the_checkpoint_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("REFPG_VAE", raising=False)
+    assert load_vae(None, beside=tmp_path) is None
+    write(tmp_path, vae_state_dict(np.random.default_rng(2), 32, 8, 16), "vae.npz")
+    assert load_vae(None, beside=tmp_path).num_codes == 32
+    other = write(tmp_path, vae_state_dict(np.random.default_rng(3), 64, 8, 16), "other.npz")
+    monkeypatch.setenv("REFPG_VAE", other)  # the environment, then --vae, come first
+    assert load_vae(None, beside=tmp_path).num_codes == 64
+    assert load_vae(os.path.join(tmp_path, "vae.npz"), beside=tmp_path).num_codes == 32
