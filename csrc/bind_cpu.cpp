@@ -48,6 +48,16 @@ struct Rows {
       : x(Arg::dense(op, "x", x_arg, {DType::F32}, 1)), D(x.shape(x.ndim() - 1)), rows(D ? x.size() / D : 0) {}
 };
 
+// An embedding's ids (int64, dense) as a pointer, once each is checked to be a row of a V-row table.
+const int64_t* checked_ids(const std::string& op, const py::array& ids, int64_t V) {
+  const int64_t* id = static_cast<const int64_t*>(ids.data());
+  for (int64_t i = 0; i < ids.size(); ++i)
+    if (id[i] < 0 || id[i] >= V)
+      fail(op, "ids holds " + std::to_string(id[i]) + " (flat index " + std::to_string(i) +
+                   "), outside the table's rows [0, " + std::to_string(V) + ")");
+  return id;
+}
+
 void bind_simd(py::module_& m) {
   m.def("cpu_features", []() {
     const auto& f = cpu_features();
@@ -210,11 +220,7 @@ void bind_affine(py::module_& m) {
         const AffineWeight w = affine_arg(op, codes, scales, biases, bits, group_size, D);
         const py::array ids = Arg::dense(op, "ids", ids_arg, {DType::I64}, 0);
         const int64_t V = codes.shape(0), n = ids.size();
-        const int64_t* id = static_cast<const int64_t*>(ids.data());
-        for (int64_t i = 0; i < n; ++i)
-          if (id[i] < 0 || id[i] >= V)
-            fail(op, "ids holds " + std::to_string(id[i]) + " (flat index " + std::to_string(i) +
-                         "), outside the table's rows [0, " + std::to_string(V) + ")");
+        const int64_t* id = checked_ids(op, ids, V);
         auto shape = Arg::shape(ids);
         shape.push_back(D);
         return run_into_new(op, shape, [&](float* out, SimdPath path) {
@@ -327,11 +333,7 @@ void bind_rope_embedding(py::module_& m) {
         check_contiguous(op, "table", table);
         const py::array ids = Arg::dense(op, "ids", ids_arg, {DType::I64}, 0);
         const int64_t V = ts[0], D = ts[1], n = ids.size();
-        const int64_t* id = static_cast<const int64_t*>(ids.data());
-        for (int64_t i = 0; i < n; ++i)
-          if (id[i] < 0 || id[i] >= V)
-            fail(op, "ids holds " + std::to_string(id[i]) + " (flat index " + std::to_string(i) +
-                         "), outside the table's rows [0, " + std::to_string(V) + ")");
+        const int64_t* id = checked_ids(op, ids, V);
         auto shape = Arg::shape(ids);
         shape.push_back(D);
         const void* rows = table.data();

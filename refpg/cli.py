@@ -58,8 +58,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(text.push(int(step[0])))  # whole characters only, as they complete
         sys.stdout.flush()
     sys.stdout.write(text.flush() + "\n")
-    if args.draw or "<seg" in proc.decode(answer):
-        draw_answer(proc.decode(answer), args.image, args.draw, vae)
+    answer_text = proc.decode(answer)
+    if args.draw or "<seg" in answer_text:
+        draw_answer(answer_text, args.image, args.draw, vae)
     total = time.perf_counter() - t1
     rest = f", then {(total - first) / (n - 1) * 1000:.0f} ms/token" if first is not None and n > 1 else ""
     log(f"{n} tokens in {total:.2f} s (prefill + first token {first or 0:.2f} s{rest})")

@@ -56,7 +56,7 @@ void values_at(const void* p, WeightFormat f, int64_t first, int64_t n, float* o
 }
 
 // Σ a_i·b_i in four interleaved partial sums (independent chains, not one n-long one).
-float dot4(const float* a, const float* b, int64_t n) {
+float sum_of_products(const float* a, const float* b, int64_t n) {
   float acc[4] = {};
   int64_t i = 0;
   for (; i + 4 <= n; i += 4)
@@ -137,10 +137,8 @@ bool dequantize_row_vector(const AffineWeight& w, int64_t K, int64_t n, float* o
   const int64_t groups = K / w.group_size;
   float* s = scratch;
   float* b = scratch + groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    s[g] = value_at(w.scales, w.scale_format, n * groups + g);
-    b[g] = value_at(w.biases, w.scale_format, n * groups + g);
-  }
+  values_at(w.scales, w.scale_format, n * groups, groups, s);
+  values_at(w.biases, w.scale_format, n * groups, groups, b);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words_per_row(w, K));
   if (w.scale_format == WeightFormat::BF16)
     dequantize_row_avx2<WeightFormat::BF16>(bytes, w.bits, w.group_size, groups, s, b, out);
@@ -362,7 +360,7 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
             dot_rows<1>(dot, bytes + r * stride, stride, w.group_size, groups, x, s.data() + r * groups, bytes, d + r);
         }
         for (int r = 0; r < rows; ++r) {
-          const float biases = dot4(b.data() + r * groups, xs[m].sums.data(), groups);  // Σ_g b_g · Σ x over g
+          const float biases = sum_of_products(b.data() + r * groups, xs[m].sums.data(), groups);  // Σ_g b_g · Σ x over g
           p.y[m * p.ldy + n + r] = d[r] + biases + (p.bias ? p.bias[n + r] : 0.0f);
         }
       }
