@@ -179,6 +179,8 @@ for bits in (4, 8):  # the widths with vector code: every group size and scale d
                           affine_linear_case(1, 384, 33, bits, group_size, fmt, bias=False)))
     for M in (2, 8, 40):
         CASES.append(("linear", f"affine{bits}-g64-bf16-M{M}-K2048-N257", affine_linear_case(M, 2048, 257, bits, 64)))
+    # decode reads codes in 64-byte steps: K = 352 ends in a partial one (with either width)
+    CASES.append(("linear", f"affine{bits}-g32-bf16-M3-K352-N37", affine_linear_case(3, 352, 37, bits, 32)))
     CASES.append(("linear", f"affine{bits}-g128-f32-M300-K512-N300", affine_linear_case(300, 512, 300, bits, 128, Format.F32)))
 for bits, fmt in [(4, Format.BF16), (8, Format.F32), (3, Format.F16), (6, Format.BF16)]:
     def build(bits=bits, fmt=fmt):

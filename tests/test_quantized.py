@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, simd_paths_here
 
 from refpg import PaliGemma, backend
 from refpg.conform.cases import tiny_config
@@ -210,6 +210,67 @@ def test_a_quantized_checkpoint_runs_on_cpp_like_the_reference(tmp_path, bits):
     ids, pixels, types = inputs(native)
     batch = {"input_ids": ids[:, :-3], "pixel_values": pixels, "token_type_ids": types[:, :-3]}
     np.testing.assert_array_equal(native.generate(batch, max_new_tokens=5), reference.generate(batch, max_new_tokens=5))
+
+
+def x_in_fixed_point(x: np.ndarray, group_size: int) -> np.ndarray:
+    """x as csrc/cpu/affine.cpp's VNNI GEMV reads it, written from its comment: per group a power of
+    two t with max|x| / t <= 32639 (the largest whose pieces fit two signed bytes), as large a value
+    range as that allows, each x rounded to the nearest multiple of t (ties to even)."""
+    groups = x.reshape(*x.shape[:-1], -1, group_size).astype(np.float64)
+    top = np.abs(groups).max(-1, keepdims=True)
+    e = np.frexp(top)[1]                                        # top = f · 2^e, f in [0.5, 1)
+    t = np.ldexp(1.0, np.maximum(np.where(top * 2.0 ** (15 - e) <= 32639, e - 15, e - 14), -126))
+    return (np.rint(groups / t) * t).reshape(x.shape)
+
+
+@pytest.mark.parametrize("path, bits", [("avx2", 4), ("avx512", 4), ("avx512", 8)])
+@pytest.mark.parametrize("group_size", AFFINE_GROUP_SIZES)
+def test_the_integer_gemv_is_the_dot_product_with_x_in_16_bit_fixed_point(path, bits, group_size):
+    """Decode on 4-bit codes with AVX2, and on 4- and 8-bit codes with AVX-512 VNNI, multiplies the
+    codes by x rounded to 16-bit fixed point per group (x_in_fixed_point), in integers: the result is
+    Σ w·x̃ with w = s·q + b unrounded, to float32 accumulation (<= 1e-6 of Σ|w·x̃|); x̃ is within 2^-15
+    of the group's largest |x| of x. K = 352 ends in a partial 64-byte chunk of codes, N = 37 in a
+    partial tile of rows; one x row spans 40 octaves."""
+    from refpg import _C
+
+    from conftest import simd_path
+
+    if simd_paths_here()[path] is not None:
+        pytest.skip(simd_paths_here()[path])
+    if path == "avx512" and not _C.cpu_features()["avx512vnni"]:
+        pytest.skip("this CPU has AVX-512 without VNNI: its avx512 path runs the AVX2 loops")
+    rng = np.random.default_rng(bits * 1000 + group_size)
+    K = 352 if group_size == 32 else 384
+    w = quantize(rng.standard_normal((37, K)).astype(np.float32) / 20, bits, group_size, Format.F32)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    x[2] *= np.exp2(rng.uniform(-20, 20, K)).astype(np.float32)
+    x_fixed = x_in_fixed_point(x, group_size)
+    assert np.all(np.abs(x_fixed - x).reshape(3, -1, group_size).max(-1)
+                  <= np.abs(x).reshape(3, -1, group_size).max(-1) * 2.0 ** -15)
+    exact = x_fixed @ to_float32(w).astype(np.float64).T       # F32 scales: w = s·q + b in float32, no rounding
+    with simd_path(path):
+        y = backend.OPS["linear"]["cpp"](x, w)
+    scale = np.abs(x_fixed) @ np.abs(to_float32(w).astype(np.float64)).T
+    assert np.all(np.abs(y - exact) <= 1e-6 * scale)
+    plain = x.astype(np.float64) @ to_float32(w).astype(np.float64).T
+    assert not np.all(np.abs(plain - exact) <= 1e-6 * scale)  # the bound tells x̃ from x
+
+
+@pytest.mark.parametrize("path", [p for p, why in simd_paths_here().items() if why is None])
+def test_gemv_rows_of_x_with_inf_or_nan_stay_non_finite(path):
+    """An Inf or a NaN in a row of x makes its outputs Inf or NaN on every path (the VNNI GEMV hands
+    such rows to the float loop: fixed point has no Inf), and leaves the other rows as they were."""
+    from conftest import simd_path
+
+    rng = np.random.default_rng(7)
+    w = quantize(rng.standard_normal((20, 256)).astype(np.float32), 4, 64, Format.BF16)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[1, 100], x[2, 3] = np.inf, np.nan
+    with simd_path(path):
+        y = backend.OPS["linear"]["cpp"](x, w)
+        alone = backend.OPS["linear"]["cpp"](x[:1], w)
+    assert not np.isfinite(y[1:]).any()
+    np.testing.assert_array_equal(y[0], alone[0])
 
 
 def test_refpg_quantize_keeps_a_channel_last_patch_embedding_as_it_is(tmp_path):

@@ -3,9 +3,11 @@
 #include "cpu/affine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "cpu/threadpool.h"
 
 namespace refpg {
@@ -178,25 +180,6 @@ void gemm(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
 
 // ---- decode: s·Σ x·q + b·Σ x per group ------------------------------------------------------------
 
-// What every row's dot product needs of one x row: x itself, reordered for the vector code
-// (`block` codes at a time: the low nibbles' x, then the high nibbles'), and Σ x per group.
-struct XRow {
-  std::vector<float> x;     // [K], in the order the codes are read
-  std::vector<float> sums;  // [K / group_size]
-};
-
-XRow prepare_x(const float* x, int64_t K, int group_size, int nibble_block) {
-  XRow r{std::vector<float>(x, x + K), std::vector<float>(static_cast<size_t>(K / group_size), 0.0f)};
-  for (int64_t k = 0; k < K; ++k) r.sums[k / group_size] += x[k];
-  if (nibble_block)  // block of 2h codes = h bytes: code 2i sits in byte i's low nibble, 2i+1 in its high
-    for (int64_t k0 = 0; k0 < K; k0 += nibble_block)
-      for (int i = 0; i < nibble_block / 2; ++i) {
-        r.x[k0 + i] = x[k0 + 2 * i];
-        r.x[k0 + nibble_block / 2 + i] = x[k0 + 2 * i + 1];
-      }
-  return r;
-}
-
 // One row's Σ_g s_g · Σ x·q: `s`, `b` the row's scales and biases as float32.
 float dot_scalar(const uint32_t* codes, int bits, int gs, int64_t groups, const float* x, const float* s) {
   float acc = 0.0f;
@@ -208,34 +191,9 @@ float dot_scalar(const uint32_t* codes, int bits, int gs, int64_t groups, const 
   return acc;
 }
 
-// The vector dot products: R rows of W at once (independent accumulators, x loaded once for all),
-// each row's Σ_g s_g · Σ_{k in g} x_k·q_k into out[r]. `bytes` points at row 0's codes, rows
-// `stride` bytes apart; s[r * groups + g] are the rows' scales as float32.
-template <int R>
-REFPG_TARGET_AVX2 void dot4_avx2(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                 const float* s, const uint8_t* ahead, float* out) {
-  const __m256i low = _mm256_set1_epi32(0xF);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 d[R][2];
-    for (int r = 0; r < R; ++r) d[r][0] = d[r][1] = _mm256_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {  // 16 codes in 8 bytes
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int r = 0; r < R; ++r) {
-        if ((k & 127) == 0) prefetch(ahead + r * stride + k / 2);  // one per 64-byte line
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + r * stride + k / 2));
-        const __m256i v = _mm256_cvtepu8_epi32(b);
-        d[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x0, d[r][0]);
-        d[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x1, d[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d[r][0], d[r][1]), _mm256_set1_ps(s[r * groups + g]), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
-}
-
+// The float loop: R rows of W at once (independent accumulators, x loaded once for all), each row's
+// Σ_g s_g · Σ_{k in g} x_k·q_k into out[r]. `bytes` points at row 0's 8-bit codes, rows `stride` bytes
+// apart; s[r * groups + g] are the rows' scales as float32.
 template <int R>
 REFPG_TARGET_AVX2 void dot8_avx2(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
                                  const float* s, const uint8_t* ahead, float* out) {
@@ -259,87 +217,216 @@ REFPG_TARGET_AVX2 void dot8_avx2(const uint8_t* bytes, int64_t stride, int gs, i
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
+// ---- decode in fixed point: integer dot products (4-bit AVX2; 4- and 8-bit AVX-512 VNNI) -----------
+//
+// Each group of x is written as t_g · m_k with t_g a power of two and m_k an integer of at most
+// 15 bits + sign (|m| <= 32639), split into two signed bytes m = 256·hi + lo. The integer products
+// (vpmaddubsw + vpmaddwd, or vpdpbusd) of the codes (unsigned bytes) by those bytes sum a group's
+// Σ q·m exactly; the one approximation is m's rounding: |x_k − t_g·m_k| <= t_g/2 <= 2^-15 · max|x| over
+// the group (a float loop rounds each product to float32 instead). Σ x per group is Σ t_g·m_k too, so
+// the result is Σ w·x̃ with w = s·q + b unrounded. Rows of x with an Inf or NaN take the float loop
+// (dot8_avx2, or the scalar one for 4-bit codes), which makes their results Inf or NaN.
+
+constexpr int64_t kChunkBytes = 64;  // XPieces are laid out per 64 bytes of a row's codes (a cache line)
+
+struct XPieces {
+  std::vector<int8_t> bytes;  // per chunk, in the order its codes are read: 4-bit hi(even k) hi(odd k)
+                              // lo(even k) lo(odd k), 64 bytes each; 8-bit hi, lo; zeros past K
+  std::vector<float> step;    // t_g per group
+  std::vector<float> sums;    // Σ t_g·m_k per group: the b·Σx terms take the same x as the codes' sums
+};
+
+// x as XPieces for `bits`-bit codes, or false if x holds an Inf or a NaN.
+bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out) {
+  const int64_t per_chunk = kChunkBytes * 8 / bits, chunks = (K + per_chunk - 1) / per_chunk;
+  out.bytes.assign(static_cast<size_t>(chunks * 2 * kChunkBytes * (bits == 4 ? 2 : 1)), 0);
+  out.step.assign(static_cast<size_t>(K / gs), 0.0f);
+  out.sums.assign(static_cast<size_t>(K / gs), 0.0f);
+  for (int64_t g = 0; g < K / gs; ++g) {
+    float top = 0.0f;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      if (!std::isfinite(x[k])) return false;
+      top = std::max(top, std::fabs(x[k]));
+    }
+    int e = 0;
+    const float f = std::frexp(top, &e);                        // top = f · 2^e, f in [0.5, 1)
+    const float t = std::ldexp(1.0f, std::max(f * 32768.0f <= 32639.0f ? e - 15 : e - 14, -126));
+    out.step[static_cast<size_t>(g)] = t;
+    int32_t total = 0;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      const int m = static_cast<int>(std::nearbyint(x[k] / t));  // |m| <= 32639
+      total += m;
+      const int hi = (m + 128) >> 8, lo = m - 256 * hi;          // both in [-128, 127]
+      const int64_t chunk = k / per_chunk, i = k % per_chunk;
+      // within a 4-bit chunk byte i holds codes 2i (low nibble) and 2i+1: x_k meets byte k/2's nibble
+      const int64_t at = bits == 4 ? (i % 2) * kChunkBytes + i / 2 : i;
+      int8_t* c = out.bytes.data() + chunk * (bits == 4 ? 4 : 2) * kChunkBytes;
+      c[at] = static_cast<int8_t>(hi);
+      c[at + (bits == 4 ? 2 : 1) * kChunkBytes] = static_cast<int8_t>(lo);
+    }
+    out.sums[static_cast<size_t>(g)] = t * static_cast<float>(total);  // exact: |total| < 2^24
+  }
+  return true;
+}
+
+// Lane j of a chunk's int32 sums covers codes [j·per_lane, (j+1)·per_lane) of the chunk: its group,
+// counted from the chunk's first.
+REFPG_TARGET_AVX512VNNI inline __m512i lane_groups(int per_lane, int gs) {
+  alignas(64) int32_t idx[16];
+  for (int j = 0; j < 16; ++j) idx[j] = j * per_lane / gs;
+  return _mm512_load_si512(idx);
+}
+
+// Σ_g c_g · Σ_{k in g} m_k·q_k for R rows at once: `c` holds row r's c_g = s_g·t_g at c + r·groups
+// (and 16 readable floats past the last row's). Code 2i of a row sits in byte i's low nibble, 2i+1
+// in its high one. The AVX2 loop takes 64 codes (32 bytes, half a chunk) a step: vpmaddubsw sums
+// code·piece pairs into 16 bits (|sum| <= 2·15·128), vpmaddwd pairs of those into the lanes' int32.
 template <int R>
-REFPG_TARGET_AVX512 void dot4_avx512(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                     const float* s, const uint8_t* ahead, float* out) {
-  const __m512i low = _mm512_set1_epi32(0xF);
+REFPG_TARGET_AVX2 void dot4_fixed_avx2(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
+                                       const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i idx = _mm256_setr_epi32(0, 8 / gs, 16 / gs, 24 / gs, 32 / gs, 40 / gs, 48 / gs, 56 / gs);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t at = 0; at < K; at += 64) {  // 64 codes in 32 bytes
+    const int8_t* xp = xq + (at / 128) * 256 + (at % 128) / 2;
+    const __m256i he = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+    const __m256i ho = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64));
+    const __m256i le = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 128));
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 192));
+    const int64_t first = at / gs;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = bytes + r * stride + at / 2;
+      if (at % 128 == 0) prefetch(ahead + r * stride + at / 2);  // one per 64-byte line
+      const __m256i v = K - at >= 64 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                     : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i even = _mm256_and_si256(v, low), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      const __m256i h = _mm256_madd_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(even, he), _mm256_maddubs_epi16(odd, ho)), ones);
+      const __m256i l = _mm256_madd_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(even, le), _mm256_maddubs_epi16(odd, lo)), ones);
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l));  // exact: |d| < 2^22
+      const __m256 scale = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + r * groups + first), idx);
+      acc[r] = _mm256_fmadd_ps(d, scale, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// The same with AVX-512 VNNI, 128 codes (one chunk) a step: vpdpbusd sums four code·piece products
+// into each int32 lane.
+template <int R>
+REFPG_TARGET_AVX512VNNI void dot4_vnni(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
+                                       const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F), idx = lane_groups(8, gs), zero = _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 d[R][2];
-    for (int r = 0; r < R; ++r) d[r][0] = d[r][1] = _mm512_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {  // 32 codes in 16 bytes
-      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-      for (int r = 0; r < R; ++r) {
-        if ((k & 127) == 0) prefetch(ahead + r * stride + k / 2);  // one per 64-byte line
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + r * stride + k / 2)));
-        d[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), x0, d[r][0]);
-        d[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), x1, d[r][1]);
-      }
+  for (int64_t at = 0; at < K; at += 2 * kChunkBytes) {  // 128 codes in 64 bytes
+    const int8_t* xp = xq + at * 2;
+    const __m512i he = _mm512_loadu_si512(xp), ho = _mm512_loadu_si512(xp + 64);
+    const __m512i le = _mm512_loadu_si512(xp + 128), lo = _mm512_loadu_si512(xp + 192);
+    const __mmask64 valid = K - at >= 128 ? ~0ull : (1ull << ((K - at) / 2)) - 1;
+    const int64_t first = at / gs;
+    for (int r = 0; r < R; ++r) {
+      prefetch(ahead + r * stride + at / 2);
+      const uint8_t* p = bytes + r * stride + at / 2;
+      const __m512i v = valid == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(valid, p);
+      const __m512i even = _mm512_and_si512(v, low), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m512i h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, he), odd, ho);
+      const __m512i l = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, le), odd, lo);
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));  // exact: |d| < 2^22
+      const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(c + r * groups + first));
+      acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
     }
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(d[r][0], d[r][1]), _mm512_set1_ps(s[r * groups + g]), acc[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 template <int R>
-REFPG_TARGET_AVX512 void dot8_avx512(const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x,
-                                     const float* s, const uint8_t* ahead, float* out) {
+REFPG_TARGET_AVX512VNNI void dot8_vnni(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
+                                       const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
+  const __m512i idx = lane_groups(4, gs), zero = _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 d[R][2];
-    for (int r = 0; r < R; ++r) d[r][0] = d[r][1] = _mm512_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {  // 32 codes in 32 bytes
-      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* row = bytes + r * stride + k;
-        if ((k & 63) == 0) prefetch(ahead + r * stride + k);  // one per 64-byte line
-        const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-        const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
-        d[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), x0, d[r][0]);
-        d[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), x1, d[r][1]);
-      }
+  for (int64_t at = 0; at < K; at += kChunkBytes) {  // 64 codes in 64 bytes
+    const int8_t* xp = xq + at * 2;
+    const __m512i hi = _mm512_loadu_si512(xp), lo = _mm512_loadu_si512(xp + 64);
+    const __mmask64 valid = K - at >= 64 ? ~0ull : (1ull << (K - at)) - 1;
+    const int64_t first = at / gs;
+    for (int r = 0; r < R; ++r) {
+      prefetch(ahead + r * stride + at);
+      const uint8_t* p = bytes + r * stride + at;
+      const __m512i v = valid == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(valid, p);
+      const __m512i h = _mm512_dpbusd_epi32(zero, v, hi), l = _mm512_dpbusd_epi32(zero, v, lo);
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));  // |d| < 2^26: one rounding
+      const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(c + r * groups + first));
+      acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
     }
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(d[r][0], d[r][1]), _mm512_set1_ps(s[r * groups + g]), acc[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-enum class Dot { Scalar, Avx2x4, Avx2x8, Avx512x4, Avx512x8 };
+// Float8: the float loop; Fixed*: the integer loops on x in fixed point (XPieces).
+enum class Dot { Scalar, Float8, Fixed4Avx2, Fixed4Vnni, Fixed8Vnni };
+
+bool is_fixed(Dot dot) { return dot == Dot::Fixed4Avx2 || dot == Dot::Fixed4Vnni || dot == Dot::Fixed8Vnni; }
 
 Dot choose_dot(const AffineWeight& w, SimdPath path) {
-  const bool wide = path == SimdPath::Avx512 || path == SimdPath::Amx;
-  if (w.bits == 4 && uses_avx2(path)) return wide ? Dot::Avx512x4 : Dot::Avx2x4;
-  // groups of 32 are one 32-code step of the AVX-512 8-bit loop, two of the AVX2 one
-  if (w.bits == 8 && uses_avx2(path)) return wide ? Dot::Avx512x8 : Dot::Avx2x8;
-  return Dot::Scalar;
+  if ((w.bits != 4 && w.bits != 8) || !uses_avx2(path)) return Dot::Scalar;
+  const bool vnni = (path == SimdPath::Avx512 || path == SimdPath::Amx) && cpu_features().avx512vnni;
+  if (w.bits == 4) return vnni ? Dot::Fixed4Vnni : Dot::Fixed4Avx2;
+  // 8-bit codes times a signed byte overflow vpmaddubsw's 16-bit pair sums: without VNNI, floats
+  return vnni ? Dot::Fixed8Vnni : Dot::Float8;  // groups of 32 are two 16-code steps of the float loop
 }
+
+// A float loop for the same codes (rows of x with an Inf or a NaN, see prepare_pieces).
+Dot float_dot(Dot dot) { return !is_fixed(dot) ? dot : dot == Dot::Fixed8Vnni ? Dot::Float8 : Dot::Scalar; }
 
 constexpr int kRows = 4;  // W rows per vector dot call
 
+// What one row of x brings to the dot products.
+struct XRow {
+  Dot dot;                  // the loop it takes
+  std::vector<float> x;     // [K] for the float loops
+  XPieces pieces;           // for the integer loops
+  std::vector<float> sums;  // Σ x per group
+};
+
+XRow prepare_row(const float* x, int64_t K, int gs, int bits, Dot dot) {
+  XRow row{dot, {}, {}, {}};
+  if (is_fixed(dot) && prepare_pieces(x, K, gs, bits, row.pieces)) {
+    row.sums = row.pieces.sums;
+    return row;
+  }
+  row.dot = float_dot(dot);
+  row.x.assign(x, x + K);
+  row.sums.assign(static_cast<size_t>(K / gs), 0.0f);
+  for (int64_t k = 0; k < K; ++k) row.sums[static_cast<size_t>(k / gs)] += x[k];
+  return row;
+}
+
+// R rows' Σ_g s_g · Σ x·q (c: the rows' scales, times t_g for the integer loops) into out.
 template <int R>
-void dot_rows(Dot dot, const uint8_t* bytes, int64_t stride, int gs, int64_t groups, const float* x, const float* s,
+void dot_rows(const XRow& x, const uint8_t* bytes, int64_t stride, int64_t K, int gs, const float* c,
               const uint8_t* ahead, float* out) {
-  switch (dot) {
-    case Dot::Avx2x4: return dot4_avx2<R>(bytes, stride, gs, groups, x, s, ahead, out);
-    case Dot::Avx2x8: return dot8_avx2<R>(bytes, stride, gs, groups, x, s, ahead, out);
-    case Dot::Avx512x4: return dot4_avx512<R>(bytes, stride, gs, groups, x, s, ahead, out);
-    case Dot::Avx512x8: return dot8_avx512<R>(bytes, stride, gs, groups, x, s, ahead, out);
+  const int64_t groups = K / gs;
+  switch (x.dot) {
+    case Dot::Float8: return dot8_avx2<R>(bytes, stride, gs, groups, x.x.data(), c, ahead, out);
+    case Dot::Fixed4Avx2: return dot4_fixed_avx2<R>(bytes, stride, K, gs, groups, x.pieces.bytes.data(), c, ahead, out);
+    case Dot::Fixed4Vnni: return dot4_vnni<R>(bytes, stride, K, gs, groups, x.pieces.bytes.data(), c, ahead, out);
+    case Dot::Fixed8Vnni: return dot8_vnni<R>(bytes, stride, K, gs, groups, x.pieces.bytes.data(), c, ahead, out);
     case Dot::Scalar: break;
   }
 }
 
 void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
   const Dot dot = choose_dot(w, path);
-  const int nibble_block = dot == Dot::Avx2x4 ? 16 : dot == Dot::Avx512x4 ? 32 : 0;
   std::vector<XRow> xs;
-  for (int64_t m = 0; m < p.M; ++m) xs.push_back(prepare_x(p.x + m * p.ldx, p.K, w.group_size, nibble_block));
+  for (int64_t m = 0; m < p.M; ++m) xs.push_back(prepare_row(p.x + m * p.ldx, p.K, w.group_size, w.bits, dot));
   const int64_t groups = p.K / w.group_size, words = words_per_row(w, p.K), stride = words * 4;
   parallel_for(p.N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> s(static_cast<size_t>(kRows * groups)), b(static_cast<size_t>(kRows * groups));
+    std::vector<float> c(static_cast<size_t>(kRows * groups + 16), 0.0f);  // + 16: see dot4_fixed_avx2
     for (int64_t n = n0; n < n1; n += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - n));
       values_at(w.scales, w.scale_format, n * groups, rows * groups, s.data());
@@ -348,19 +435,25 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
       // the next tile's rows, fetched while this one is computed (itself for the last tile)
       const uint8_t* ahead = n + 2 * kRows <= n1 ? bytes + kRows * stride : bytes;
       for (int64_t m = 0; m < p.M; ++m) {
-        const float* x = xs[m].x.data();
-        float d[kRows] = {};
-        if (dot == Dot::Scalar) {
+        const XRow& x = xs[m];
+        const float* scales = s.data();
+        if (is_fixed(x.dot)) {  // c_g = s_g · t_g
           for (int r = 0; r < rows; ++r)
-            d[r] = dot_scalar(w.codes + (n + r) * words, w.bits, w.group_size, groups, x, s.data() + r * groups);
+            for (int64_t g = 0; g < groups; ++g) c[r * groups + g] = s[r * groups + g] * x.pieces.step[g];
+          scales = c.data();
+        }
+        float d[kRows] = {};
+        if (x.dot == Dot::Scalar) {
+          for (int r = 0; r < rows; ++r)
+            d[r] = dot_scalar(w.codes + (n + r) * words, w.bits, w.group_size, groups, x.x.data(), scales + r * groups);
         } else if (rows == kRows) {
-          dot_rows<kRows>(dot, bytes, stride, w.group_size, groups, x, s.data(), m + 1 == p.M ? ahead : bytes, d);
+          dot_rows<kRows>(x, bytes, stride, p.K, w.group_size, scales, m + 1 == p.M ? ahead : bytes, d);
         } else {
           for (int r = 0; r < rows; ++r)
-            dot_rows<1>(dot, bytes + r * stride, stride, w.group_size, groups, x, s.data() + r * groups, bytes, d + r);
+            dot_rows<1>(x, bytes + r * stride, stride, p.K, w.group_size, scales + r * groups, bytes, d + r);
         }
         for (int r = 0; r < rows; ++r) {
-          const float biases = sum_of_products(b.data() + r * groups, xs[m].sums.data(), groups);  // Σ_g b_g · Σ x over g
+          const float biases = sum_of_products(b.data() + r * groups, x.sums.data(), groups);  // Σ_g b_g · Σ x over g
           p.y[m * p.ldy + n + r] = d[r] + biases + (p.bias ? p.bias[n + r] : 0.0f);
         }
       }

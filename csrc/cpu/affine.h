@@ -7,8 +7,10 @@
 // * decode (up to 8 x rows) is a GEMV that reads each packed code once and never forms a weight:
 //   per group, s·Σ x·q + b·Σ x, with Σ x per group computed once per call. It skips the two
 //   roundings of the exact weight, so it differs from the reference by about a bf16 rounding of
-//   each product (the op table states its bound). 4- and 8-bit codes have AVX2 and AVX-512 code
-//   (Amx runs the AVX-512 code); other widths, and the Scalar path, a portable loop.
+//   each product (the op table states its bound). 4- and 8-bit codes have AVX2 code (float FMAs)
+//   and, where the CPU has AVX-512 VNNI (the Avx512 and Amx paths), integer dot products on x in
+//   16-bit fixed point per group (x's rounding <= 2^-15 of the group's largest |x|; see affine.cpp);
+//   other widths, and the Scalar path, a portable loop.
 #pragma once
 #include <cstdint>
 

@@ -10,6 +10,7 @@ struct CpuFeatures {
   bool fma = false;
   bool avx512f = false;
   bool avx512bf16 = false;
+  bool avx512vnni = false;  // with AVX-512 BW: the quantized GEMV's integer dot products (affine.cpp)
   // AMX tiles with bf16 products (and AVX-512 BF16 + BW beside them), usable: the OS saves tile
   // state and granted this process its use
   // (Linux arch_prctl ARCH_REQ_XCOMP_PERM, asked once, when the features are first read).
