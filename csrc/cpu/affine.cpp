@@ -15,7 +15,6 @@ namespace refpg {
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;    // as in matmul.cpp: more x rows are a prefill
-constexpr int64_t kDequantRows = 256;  // W rows dequantized per GEMM block: 256 · K floats (2 MB at K 2048)
 
 // ---- exact values ---------------------------------------------------------------------------------
 
@@ -78,16 +77,17 @@ inline uint32_t code_at(const uint32_t* words, int bits, int64_t i) {
 
 int64_t words_per_row(const AffineWeight& w, int64_t K) { return K * w.bits / 32; }
 
-// Row n of W [.., K] as its exact float32 values (refpg.formats.to_float32).
-void dequantize_row(const AffineWeight& w, int64_t K, int64_t n, float* out) {
+// W[n, k0 : k0 + kc] ([.., K], k0 and kc multiples of the group size) as its exact float32 values
+// (refpg.formats.to_float32) into out.
+void dequantize_span(const AffineWeight& w, int64_t K, int64_t n, int64_t k0, int64_t kc, float* out) {
   const int64_t groups = K / w.group_size;
   const uint32_t* codes = w.codes + n * words_per_row(w, K);
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = k0 / w.group_size; g < (k0 + kc) / w.group_size; ++g) {
     const float s = value_at(w.scales, w.scale_format, n * groups + g);
     const float b = value_at(w.biases, w.scale_format, n * groups + g);
     for (int64_t j = g * w.group_size; j < (g + 1) * w.group_size; ++j) {
       const float q = static_cast<float>(code_at(codes, w.bits, j));
-      out[j] = round_to(round_to(q * s, w.scale_format) + b, w.scale_format);
+      out[j - k0] = round_to(round_to(q * s, w.scale_format) + b, w.scale_format);
     }
   }
 }
@@ -133,15 +133,17 @@ REFPG_TARGET_AVX2 void dequantize_row_avx2(const uint8_t* bytes, int bits, int g
   }
 }
 
-// Row n into out with the vector code where it applies; false where it does not.
-bool dequantize_row_vector(const AffineWeight& w, int64_t K, int64_t n, float* out, SimdPath path, float* scratch) {
+// The same with the vector code where it applies (false where it does not); scratch: 2 · kc / group
+// size floats.
+bool dequantize_span_vector(const AffineWeight& w, int64_t K, int64_t n, int64_t k0, int64_t kc, float* out,
+                            SimdPath path, float* scratch) {
   if (!uses_avx2(path) || (w.bits != 4 && w.bits != 8) || w.scale_format == WeightFormat::F16) return false;
-  const int64_t groups = K / w.group_size;
+  const int64_t groups = kc / w.group_size, first = n * (K / w.group_size) + k0 / w.group_size;
   float* s = scratch;
   float* b = scratch + groups;
-  values_at(w.scales, w.scale_format, n * groups, groups, s);
-  values_at(w.biases, w.scale_format, n * groups, groups, b);
-  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words_per_row(w, K));
+  values_at(w.scales, w.scale_format, first, groups, s);
+  values_at(w.biases, w.scale_format, first, groups, b);
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words_per_row(w, K)) + k0 * w.bits / 8;
   if (w.scale_format == WeightFormat::BF16)
     dequantize_row_avx2<WeightFormat::BF16>(bytes, w.bits, w.group_size, groups, s, b, out);
   else
@@ -149,33 +151,23 @@ bool dequantize_row_vector(const AffineWeight& w, int64_t K, int64_t n, float* o
   return true;
 }
 
-// `count` rows of W, exactly, into out (rows K floats apart): rows ids[i], or first + i without ids.
-void dequantize_rows(const AffineWeight& w, int64_t K, int64_t count, const int64_t* ids, int64_t first, float* out,
-                     SimdPath path) {
+// `count` rows of W, exactly, into out (rows K floats apart): rows ids[i].
+void dequantize_rows(const AffineWeight& w, int64_t K, int64_t count, const int64_t* ids, float* out, SimdPath path) {
   std::vector<float> scratch(static_cast<size_t>(2 * (K / w.group_size) + 1));
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t n = ids ? ids[i] : first + i;
-    if (!dequantize_row_vector(w, K, n, out + i * K, path, scratch.data())) dequantize_row(w, K, n, out + i * K);
-  }
+  for (int64_t i = 0; i < count; ++i)
+    if (!dequantize_span_vector(w, K, ids[i], 0, K, out + i * K, path, scratch.data()))
+      dequantize_span(w, K, ids[i], 0, K, out + i * K);
 }
 
-// ---- prefill: exact rows, then the float32 GEMM ------------------------------------------------------
+// ---- prefill: the float32 GEMM on exact spans of W -----------------------------------------------
 
 void gemm(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
-  std::vector<float> block(static_cast<size_t>(std::min(kDequantRows, p.N) * p.K));
-  for (int64_t n0 = 0; n0 < p.N; n0 += kDequantRows) {
-    const int64_t rows = std::min(kDequantRows, p.N - n0);
-    parallel_for(rows, 1, [&](int64_t r0, int64_t r1) {
-      dequantize_rows(w, p.K, r1 - r0, nullptr, n0 + r0, block.data() + r0 * p.K, path);
-    });
-    LinearArgs part = p;
-    part.weight = block.data();
-    part.format = WeightFormat::F32;
-    part.bias = p.bias ? p.bias + n0 : nullptr;
-    part.y = p.y + n0;
-    part.N = rows;
-    linear(part, path);
-  }
+  linear_spans(p, [&](int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst) {
+    float scratch[2 * 256 / 32];  // kc <= 256 (matmul.h), groups >= 32
+    for (int64_t j = 0; j < cols; ++j)
+      if (!dequantize_span_vector(w, p.K, n + j, k0, kc, dst + j * kc, path, scratch))
+        dequantize_span(w, p.K, n + j, k0, kc, dst + j * kc);
+  }, path);
 }
 
 // ---- decode: s·Σ x·q + b·Σ x per group ------------------------------------------------------------
@@ -205,7 +197,7 @@ REFPG_TARGET_AVX2 void dot8_avx2(const uint8_t* bytes, int64_t stride, int gs, i
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {  // 16 codes in 16 bytes
       const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
       for (int r = 0; r < R; ++r) {
-        if ((k & 63) == 0) prefetch(ahead + r * stride + k);  // one per 64-byte line
+        if ((k & 63) == 0) prefetch_l2(ahead + r * stride + k);  // one per 64-byte line
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + r * stride + k));
         d[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), x0, d[r][0]);
         d[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), x1, d[r][1]);
@@ -297,7 +289,7 @@ REFPG_TARGET_AVX2 void dot4_fixed_avx2(const uint8_t* bytes, int64_t stride, int
     const int64_t first = at / gs;
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = bytes + r * stride + at / 2;
-      if (at % 128 == 0) prefetch(ahead + r * stride + at / 2);  // one per 64-byte line
+      if (at % 128 == 0) prefetch_l2(ahead + r * stride + at / 2);  // one per 64-byte line
       const __m256i v = K - at >= 64 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                                      : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       const __m256i even = _mm256_and_si256(v, low), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -328,7 +320,7 @@ REFPG_TARGET_AVX512VNNI void dot4_vnni(const uint8_t* bytes, int64_t stride, int
     const __mmask64 valid = K - at >= 128 ? ~0ull : (1ull << ((K - at) / 2)) - 1;
     const int64_t first = at / gs;
     for (int r = 0; r < R; ++r) {
-      prefetch(ahead + r * stride + at / 2);
+      prefetch_l2(ahead + r * stride + at / 2);
       const uint8_t* p = bytes + r * stride + at / 2;
       const __m512i v = valid == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(valid, p);
       const __m512i even = _mm512_and_si512(v, low), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -354,7 +346,7 @@ REFPG_TARGET_AVX512VNNI void dot8_vnni(const uint8_t* bytes, int64_t stride, int
     const __mmask64 valid = K - at >= 64 ? ~0ull : (1ull << (K - at)) - 1;
     const int64_t first = at / gs;
     for (int r = 0; r < R; ++r) {
-      prefetch(ahead + r * stride + at);
+      prefetch_l2(ahead + r * stride + at);
       const uint8_t* p = bytes + r * stride + at;
       const __m512i v = valid == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(valid, p);
       const __m512i h = _mm512_dpbusd_epi32(zero, v, hi), l = _mm512_dpbusd_epi32(zero, v, lo);
@@ -383,6 +375,9 @@ Dot choose_dot(const AffineWeight& w, SimdPath path) {
 Dot float_dot(Dot dot) { return !is_fixed(dot) ? dot : dot == Dot::Fixed8Vnni ? Dot::Float8 : Dot::Scalar; }
 
 constexpr int kRows = 4;  // W rows per vector dot call
+// How far ahead the GEMV prefetches codes: at least one tile, else this many bytes (a 4-row tile of
+// 4-bit codes at K = 2048 is one 4 KB page, which the hardware prefetchers do not cross).
+constexpr int64_t kPrefetchBytes = 16 * 1024;
 
 // What one row of x brings to the dot products.
 struct XRow {
@@ -424,6 +419,7 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
   std::vector<XRow> xs;
   for (int64_t m = 0; m < p.M; ++m) xs.push_back(prepare_row(p.x + m * p.ldx, p.K, w.group_size, w.bits, dot));
   const int64_t groups = p.K / w.group_size, words = words_per_row(w, p.K), stride = words * 4;
+  const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchBytes / (kRows * std::max<int64_t>(stride, 1)));
   parallel_for(p.N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> s(static_cast<size_t>(kRows * groups)), b(static_cast<size_t>(kRows * groups));
     std::vector<float> c(static_cast<size_t>(kRows * groups + 16), 0.0f);  // + 16: see dot4_fixed_avx2
@@ -432,8 +428,8 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
       values_at(w.scales, w.scale_format, n * groups, rows * groups, s.data());
       values_at(w.biases, w.scale_format, n * groups, rows * groups, b.data());
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words);
-      // the next tile's rows, fetched while this one is computed (itself for the last tile)
-      const uint8_t* ahead = n + 2 * kRows <= n1 ? bytes + kRows * stride : bytes;
+      // the rows `tiles_ahead` tiles on, fetched while this one is computed (itself near the end)
+      const uint8_t* ahead = n + (tiles_ahead + 1) * kRows <= n1 ? bytes + tiles_ahead * kRows * stride : bytes;
       for (int64_t m = 0; m < p.M; ++m) {
         const XRow& x = xs[m];
         const float* scales = s.data();
@@ -471,7 +467,7 @@ void linear_affine(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
 
 void embedding_affine(const AffineWeight& w, int64_t D, const int64_t* ids, int64_t n, float* out, SimdPath path) {
   parallel_for(n, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
-    dequantize_rows(w, D, i1 - i0, ids + i0, 0, out + i0 * D, path);
+    dequantize_rows(w, D, i1 - i0, ids + i0, out + i0 * D, path);
   });
 }
 

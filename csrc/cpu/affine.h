@@ -2,15 +2,16 @@
 // weight_format.h). Arguments are validated in csrc/bind_cpu.cpp; these functions trust them.
 //
 // * embedding and prefill (more than 8 x rows) dequantize exactly as refpg.formats.to_float32 and
-//   mlx.core.dequantize do: q·s rounded to the scales' format, + b rounded again. Prefill then runs
-//   the float32 GEMM of matmul.h on blocks of dequantized rows.
+//   mlx.core.dequantize do: q·s rounded to the scales' format, + b rounded again. Prefill runs the
+//   float32 GEMM of matmul.h (linear_spans) on 256-wide spans of W rows dequantized as it packs
+//   them: x is packed once, no dequantized copy of W is kept (Amx CPUs run its AVX-512 GEMM).
 // * decode (up to 8 x rows) is a GEMV that reads each packed code once and never forms a weight:
-//   per group, s·Σ x·q + b·Σ x, with Σ x per group computed once per call. It skips the two
-//   roundings of the exact weight, so it differs from the reference by about a bf16 rounding of
-//   each product (the op table states its bound). 4- and 8-bit codes have AVX2 code (float FMAs)
-//   and, where the CPU has AVX-512 VNNI (the Avx512 and Amx paths), integer dot products on x in
-//   16-bit fixed point per group (x's rounding <= 2^-15 of the group's largest |x|; see affine.cpp);
-//   other widths, and the Scalar path, a portable loop.
+//   per group, s·Σ x·q + b·Σ x. It skips the two roundings of the exact weight, so it differs from
+//   the reference by about a bf16 rounding of each product (the op table states its bound). 4-bit
+//   codes (AVX2), and 4- and 8-bit codes where the CPU has AVX-512 VNNI (the Avx512 and Amx paths),
+//   take integer dot products on x rounded to 16-bit fixed point per group (<= 2^-15 of the
+//   group's largest |x|; see affine.cpp); 8-bit codes without VNNI a float loop (AVX2); other
+//   widths, and the Scalar path, a portable loop.
 #pragma once
 #include <cstdint>
 

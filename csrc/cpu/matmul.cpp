@@ -16,6 +16,7 @@
 //    then runs the MR x NR register-tiled micro-kernel for every x micro-panel of an MC-row block.
 //    KC = 256 keeps a W micro-panel (NR x KC floats, 16 KB for AVX2) in L1 and MC x KC floats of
 //    packed x in L2. Edge tiles run on a local MR x NR tile and copy out the valid part.
+//    linear_spans runs the same GEMM on W handed over in spans (matmul.h; the quantized prefill).
 // Nothing outside the caller's arrays is read or written, whatever M, N, K.
 // Instruction sets: Scalar (portable C++, 4x16 tiles), Avx2 (+FMA, 6x16), Avx512 (AVX-512F, 6x32),
 // each a struct with the kernels `tile`, `pack_w` and `dots`; the drivers are shared. On CPUs with
@@ -183,7 +184,7 @@ struct Avx2 {
     int64_t k = 0;
     for (; k + 8 <= kc; k += 8)
       for (int c = 0; c < C; ++c) {
-        prefetch(ahead + c * ldw + k);
+        prefetch_l2(ahead + c * ldw + k);
         const __m256 wv = load8(w + c * ldw + k);
         for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k), wv, acc[r][c]);
       }
@@ -243,7 +244,7 @@ struct Avx512 {
     int64_t k = 0;
     for (; k + 16 <= kc; k += 16)
       for (int c = 0; c < C; ++c) {
-        prefetch(ahead + c * ldw + k);
+        prefetch_l2(ahead + c * ldw + k);
         const __m512 wv = load16(w + c * ldw + k);
         for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), wv, acc[r][c]);
       }
@@ -323,12 +324,33 @@ void pack_x(const float* x, int64_t ldx, int64_t rows, int64_t k0, int64_t kc, f
     for (int i = 0; i < MR; ++i) dst[k * MR + i] = i < rows ? x[i * ldx + k0 + k] : 0.0f;
 }
 
+// Where the GEMM's W micro-panels come from: pack(n, cols, k0, kc, dst) packs W rows
+// [n, n + cols) at depth [k0, k0 + kc) as Isa::pack_w does (cols <= NR, kc <= KC).
 template <class Isa, class Wt>
+struct StoredW {  // W in memory, float32 or bf16 bits
+  const Wt* w;
+  int64_t K;
+  void pack(int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst) const {
+    Isa::pack_w(w + n * K, K, cols, k0, kc, dst);
+  }
+};
+
+template <class Isa>
+struct SpannedW {  // W written span by span by a WeightSpans (matmul.h), then packed as float32
+  const WeightSpans& spans;
+  void pack(int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst) const {
+    alignas(64) float rows[Isa::NR * KC];  // [cols][kc]
+    spans(n, cols, k0, kc, rows);
+    Isa::pack_w(rows, kc, cols, 0, kc, dst);
+  }
+};
+
+template <class Isa, class Source>
 class Gemm {
   static constexpr int MR = Isa::MR, NR = Isa::NR;
 
  public:
-  Gemm(const LinearArgs& p, const Wt* w)
+  Gemm(const LinearArgs& p, const Source& w)
       : p_(p), w_(w), m_pad_((p.M + MR - 1) / MR * MR), xp_(alloc_floats(m_pad_ * p.K)) {}
 
   void run() {
@@ -367,7 +389,7 @@ class Gemm {
       for (int64_t k0 = 0; k0 < p_.K; k0 += KC) {
         const int64_t kc = std::min(KC, p_.K - k0);
         for (int64_t j = 0; j < nb; j += NR)
-          Isa::pack_w(w_ + (jc + j) * p_.K, p_.K, std::min<int64_t>(NR, nb - j), k0, kc, wp.get() + j * kc);
+          w_.pack(jc + j, std::min<int64_t>(NR, nb - j), k0, kc, wp.get() + j * kc);
         for (int64_t ic = m0; ic < m1; ic += MC)
           for (int64_t j = 0; j < nb; j += NR)
             for (int64_t i = ic; i < std::min(ic + MC, m1); i += MR)
@@ -393,21 +415,26 @@ class Gemm {
   }
 
   const LinearArgs& p_;
-  const Wt* w_;
+  const Source& w_;
   const int64_t m_pad_;
   Buffer xp_;
 };
 
-template <class Isa, class Wt>
-void linear_with(const LinearArgs& p, const Wt* w) {
-  if (p.M <= kGemvMaxRows) return gemv<Isa>(p, w);
+template <class Isa, class Source>
+void gemm(const LinearArgs& p, const Source& w) {
   for (int64_t m = 0; m < p.M; m += kGemmRows) {  // bounds the packed copy of x
     LinearArgs rows = p;
     rows.x += m * p.ldx;
     rows.y += m * p.ldy;
     rows.M = std::min(kGemmRows, p.M - m);
-    Gemm<Isa, Wt>(rows, w).run();
+    Gemm<Isa, Source>(rows, w).run();
   }
+}
+
+template <class Isa, class Wt>
+void linear_with(const LinearArgs& p, const Wt* w) {
+  if (p.M <= kGemvMaxRows) return gemv<Isa>(p, w);
+  gemm<Isa>(p, StoredW<Isa, Wt>{w, p.K});
 }
 
 template <class Isa>
@@ -435,6 +462,17 @@ void linear(const LinearArgs& p, SimdPath path) {
     case SimdPath::Amx:  // the GEMV is memory bound: AVX-512 reads W as fast
       if (p.M <= kGemvMaxRows || !linear_amx(p)) linear_with<Avx512>(p);
       return;
+  }
+}
+
+void linear_spans(const LinearArgs& p, const WeightSpans& spans, SimdPath path) {
+  if (p.M == 0 || p.N == 0) return;
+  if (p.K == 0) return linear(p, path);  // y = bias (or 0); W is not read
+  switch (path) {
+    case SimdPath::Scalar: return gemm<Scalar>(p, SpannedW<Scalar>{spans});
+    case SimdPath::Avx2: return gemm<Avx2>(p, SpannedW<Avx2>{spans});
+    case SimdPath::Avx512:
+    case SimdPath::Amx: return gemm<Avx512>(p, SpannedW<Avx512>{spans});
   }
 }
 

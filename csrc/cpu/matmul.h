@@ -2,6 +2,7 @@
 // Arguments are validated in csrc/bind_cpu.cpp; these functions trust them.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "cpu/simd.h"
 #include "weight_format.h"
@@ -22,5 +23,14 @@ struct LinearArgs {
 // Runs on the threadpool; call without the GIL. `path`: Scalar, Avx2 and Avx512 run their own
 // GEMV and GEMM; Amx its AMX GEMM (matmul_amx.h) for more than 8 rows, the Avx512 code otherwise.
 void linear(const LinearArgs& args, SimdPath path);
+
+// W handed over span by span: spans(n, cols, k0, kc, dst) writes W[n + j, k0 + k] to dst[j·kc + k]
+// as float32, for j < cols <= 32 and k < kc <= 256 (kc a multiple of 32 unless the span ends at K).
+using WeightSpans = std::function<void(int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst)>;
+
+// linear's prefill GEMM (any M > 0, K > 0) on W read through `spans` (args.weight and args.format
+// are ignored): x is packed once, each span read once per kGemmRows rows of x. Scalar, Avx2 and
+// Avx512 run their own FMA GEMM; Amx the Avx512 one.
+void linear_spans(const LinearArgs& args, const WeightSpans& spans, SimdPath path);
 
 }  // namespace refpg
