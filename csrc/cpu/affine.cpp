@@ -230,31 +230,38 @@ struct XPieces {
 
 // x as XPieces for `bits`-bit codes, or false if x holds an Inf or a NaN.
 bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out) {
-  const int64_t per_chunk = kChunkBytes * 8 / bits, chunks = (K + per_chunk - 1) / per_chunk;
-  out.bytes.assign(static_cast<size_t>(chunks * 2 * kChunkBytes * (bits == 4 ? 2 : 1)), 0);
+  const int chunk_shift = bits == 4 ? 7 : 6;  // codes per chunk: 128 (4-bit) or 64 (8-bit)
+  const int64_t per_chunk = int64_t{1} << chunk_shift, chunks = (K + per_chunk - 1) / per_chunk;
+  const int64_t hi_to_lo = (bits == 4 ? 2 : 1) * kChunkBytes, chunk_bytes = 2 * hi_to_lo;
+  out.bytes.assign(static_cast<size_t>(chunks * chunk_bytes), 0);
   out.step.assign(static_cast<size_t>(K / gs), 0.0f);
   out.sums.assign(static_cast<size_t>(K / gs), 0.0f);
   for (int64_t g = 0; g < K / gs; ++g) {
+    const float* xg = x + g * gs;
     float top = 0.0f;
-    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-      if (!std::isfinite(x[k])) return false;
-      top = std::max(top, std::fabs(x[k]));
+    bool finite = true;
+    for (int j = 0; j < gs; ++j) {
+      finite &= std::isfinite(xg[j]);
+      top = std::max(top, std::fabs(xg[j]));
     }
+    if (!finite) return false;
     int e = 0;
-    const float f = std::frexp(top, &e);                        // top = f · 2^e, f in [0.5, 1)
-    const float t = std::ldexp(1.0f, std::max(f * 32768.0f <= 32639.0f ? e - 15 : e - 14, -126));
+    const float f = std::frexp(top, &e);  // top = f · 2^e, f in [0.5, 1)
+    const int t_exp = std::max(f * 32768.0f <= 32639.0f ? e - 15 : e - 14, -126);
+    const float t = std::ldexp(1.0f, t_exp), inv_t = std::ldexp(1.0f, -t_exp);  // exact powers of two
     out.step[static_cast<size_t>(g)] = t;
     int32_t total = 0;
-    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-      const int m = static_cast<int>(std::nearbyint(x[k] / t));  // |m| <= 32639
+    for (int j = 0; j < gs; ++j) {
+      // x/t rounded to the nearest integer, ties to even: |x/t| <= 32639 < 2^22, so adding and
+      // removing 1.5 · 2^23 leaves exactly that integer (affine.cpp is compiled without contraction)
+      const int m = static_cast<int>((xg[j] * inv_t + 12582912.0f) - 12582912.0f);
       total += m;
-      const int hi = (m + 128) >> 8, lo = m - 256 * hi;          // both in [-128, 127]
-      const int64_t chunk = k / per_chunk, i = k % per_chunk;
+      const int hi = (m + 128) >> 8, lo = m - 256 * hi;  // both in [-128, 127]
+      const int64_t k = g * gs + j, i = k & (per_chunk - 1);
       // within a 4-bit chunk byte i holds codes 2i (low nibble) and 2i+1: x_k meets byte k/2's nibble
-      const int64_t at = bits == 4 ? (i % 2) * kChunkBytes + i / 2 : i;
-      int8_t* c = out.bytes.data() + chunk * (bits == 4 ? 4 : 2) * kChunkBytes;
-      c[at] = static_cast<int8_t>(hi);
-      c[at + (bits == 4 ? 2 : 1) * kChunkBytes] = static_cast<int8_t>(lo);
+      int8_t* c = out.bytes.data() + (k >> chunk_shift) * chunk_bytes + (bits == 4 ? (i & 1) * kChunkBytes + i / 2 : i);
+      c[0] = static_cast<int8_t>(hi);
+      c[hi_to_lo] = static_cast<int8_t>(lo);
     }
     out.sums[static_cast<size_t>(g)] = t * static_cast<float>(total);  // exact: |total| < 2^24
   }
