@@ -505,8 +505,9 @@ def main(argv=None) -> None:
         if n in runs:
             nbytes = weight_bytes_per_token(w)
             floor = nbytes / bw
+            t_dec = runs[n]['decode, per token']
             print(f"  {n:16s} reads {nbytes / 1e9:.2f} GB/token: roofline {floor * 1e3:.1f} ms, measured "
-                  f"{runs[n]['decode, per token'] * 1e3:.1f} ms = {floor / runs[n]['decode, per token'] * 100:.0f}% of roofline")
+                  f"{t_dec * 1e3:.1f} ms ({nbytes / t_dec / 1e9:.1f} GB/s) = {floor / t_dec * 100:.0f}% of roofline")
 
 
 if __name__ == "__main__":
