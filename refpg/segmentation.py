@@ -40,13 +40,13 @@ GRID = 4
 LOC_MAX = 1023  # big_vision bins a normalized box as round(b · 1023)
 VAE_ENV = "REFPG_VAE"
 
-# The decoder's layers in the order they run: (kind, state-dict prefix).
 # The encoder (big_vision/pp/proj/paligemma/segmentation.py: what turns a training mask into codes):
 # four stride-2 convs with ReLU, two residual blocks, a last conv to the code vectors; kernel sizes
 # as the file has them, TensorFlow's 'SAME' padding.
 _ENCODER_LAYERS = [("down", "encoder.0"), ("down", "encoder.2"), ("down", "encoder.4"), ("down", "encoder.6"),
                    ("res", "encoder.8.net"), ("res", "encoder.9.net"), ("out", "encoder.10")]
 
+# The decoder's layers in the order they run: (kind, state-dict prefix).
 # Kernel sizes are big_vision's Decoder's (1×1 in and out, 3×3 / 3×3 / 1×1 residual convs, 4×4 up).
 _LAYERS = [("in", "decoder.0"),
            ("res", "decoder.2.net"), ("res", "decoder.3.net"),

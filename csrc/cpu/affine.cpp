@@ -163,7 +163,7 @@ void dequantize_rows(const AffineWeight& w, int64_t K, int64_t count, const int6
 
 void gemm(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
   linear_spans(p, [&](int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst) {
-    float scratch[2 * 256 / 32];  // kc <= 256 (matmul.h), groups >= 32
+    float scratch[2 * kWeightSpanDepth / 32];  // two floats per group of a span, groups >= 32
     for (int64_t j = 0; j < cols; ++j)
       if (!dequantize_span_vector(w, p.K, n + j, k0, kc, dst + j * kc, path, scratch))
         dequantize_span(w, p.K, n + j, k0, kc, dst + j * kc);
@@ -225,17 +225,17 @@ struct XPieces {
   std::vector<int8_t> bytes;  // per chunk, in the order its codes are read: 4-bit hi(even k) hi(odd k)
                               // lo(even k) lo(odd k), 64 bytes each; 8-bit hi, lo; zeros past K
   std::vector<float> step;    // t_g per group
-  std::vector<float> sums;    // Σ t_g·m_k per group: the b·Σx terms take the same x as the codes' sums
 };
 
-// x as XPieces for `bits`-bit codes, or false if x holds an Inf or a NaN.
-bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out) {
+// x as XPieces for `bits`-bit codes, and Σ t_g·m_k per group into sums (the b·Σx terms take the
+// same x as the codes' sums); false if x holds an Inf or a NaN.
+bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out, std::vector<float>& sums) {
   const int chunk_shift = bits == 4 ? 7 : 6;  // codes per chunk: 128 (4-bit) or 64 (8-bit)
   const int64_t per_chunk = int64_t{1} << chunk_shift, chunks = (K + per_chunk - 1) / per_chunk;
   const int64_t hi_to_lo = (bits == 4 ? 2 : 1) * kChunkBytes, chunk_bytes = 2 * hi_to_lo;
   out.bytes.assign(static_cast<size_t>(chunks * chunk_bytes), 0);
   out.step.assign(static_cast<size_t>(K / gs), 0.0f);
-  out.sums.assign(static_cast<size_t>(K / gs), 0.0f);
+  sums.assign(static_cast<size_t>(K / gs), 0.0f);
   for (int64_t g = 0; g < K / gs; ++g) {
     const float* xg = x + g * gs;
     float top = 0.0f;
@@ -263,7 +263,7 @@ bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out) {
       c[0] = static_cast<int8_t>(hi);
       c[hi_to_lo] = static_cast<int8_t>(lo);
     }
-    out.sums[static_cast<size_t>(g)] = t * static_cast<float>(total);  // exact: |total| < 2^24
+    sums[static_cast<size_t>(g)] = t * static_cast<float>(total);  // exact: |total| < 2^24
   }
   return true;
 }
@@ -391,15 +391,12 @@ struct XRow {
   Dot dot;                  // the loop it takes
   std::vector<float> x;     // [K] for the float loops
   XPieces pieces;           // for the integer loops
-  std::vector<float> sums;  // Σ x per group
+  std::vector<float> sums;  // Σ x per group (of the fixed-point x for the integer loops)
 };
 
 XRow prepare_row(const float* x, int64_t K, int gs, int bits, Dot dot) {
   XRow row{dot, {}, {}, {}};
-  if (is_fixed(dot) && prepare_pieces(x, K, gs, bits, row.pieces)) {
-    row.sums = row.pieces.sums;
-    return row;
-  }
+  if (is_fixed(dot) && prepare_pieces(x, K, gs, bits, row.pieces, row.sums)) return row;
   row.dot = float_dot(dot);
   row.x.assign(x, x + K);
   row.sums.assign(static_cast<size_t>(K / gs), 0.0f);

@@ -38,7 +38,7 @@ namespace {
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kGemvChunk = 192;          // W rows whose partial sums are kept while K is blocked
 constexpr int64_t kGemvXBlock = 16 * 1024 / sizeof(float);  // x floats per depth block: 16 KB of L1
-constexpr int64_t KC = 256, MC = 144, NC = 512;
+constexpr int64_t KC = kWeightSpanDepth, MC = 144, NC = 512;
 constexpr int64_t kGemmRows = 1536;  // x rows packed at once (each pass over them packs W again)
 constexpr int64_t kMinParallelFma = 1 << 16;  // less work than this runs on the calling thread
 

@@ -24,8 +24,12 @@ struct LinearArgs {
 // GEMV and GEMM; Amx its AMX GEMM (matmul_amx.h) for more than 8 rows, the Avx512 code otherwise.
 void linear(const LinearArgs& args, SimdPath path);
 
+// The GEMM's depth block: the longest span linear_spans asks for.
+constexpr int64_t kWeightSpanDepth = 256;
+
 // W handed over span by span: spans(n, cols, k0, kc, dst) writes W[n + j, k0 + k] to dst[j·kc + k]
-// as float32, for j < cols <= 32 and k < kc <= 256 (kc a multiple of 32 unless the span ends at K).
+// as float32, for j < cols <= 32 and k < kc <= kWeightSpanDepth, k0 a multiple of it (so kc is too,
+// unless the span ends at K).
 using WeightSpans = std::function<void(int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst)>;
 
 // linear's prefill GEMM (any M > 0, K > 0) on W read through `spans` (args.weight and args.format
