@@ -227,43 +227,69 @@ struct XPieces {
   std::vector<float> step;    // t_g per group
 };
 
+// m's two signed bytes (m = 256·hi + lo, both in [-128, 127]) for eight m: hi to hi[0..7], lo to lo[0..7].
+REFPG_TARGET_AVX2 inline void store_pieces(__m256i m, int8_t* hi, int8_t* lo) {
+  const __m256i h = _mm256_srai_epi32(_mm256_add_epi32(m, _mm256_set1_epi32(128)), 8);
+  const __m256i l = _mm256_sub_epi32(m, _mm256_slli_epi32(h, 8));
+  // packs (in range: exact) per 128-bit lane: bytes h0-3 l0-3 h0-3 l0-3 | h4-7 l4-7 h4-7 l4-7
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(h, l), _mm256_setzero_si256());
+  const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(hi), _mm256_castsi256_si128(ordered));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(lo), _mm_srli_si128(_mm256_castsi256_si128(ordered), 8));
+}
+
+// x[0..7] / t (exact: t a power of two) rounded to the nearest integer, ties to even: |m| <= 32639.
+REFPG_TARGET_AVX2 inline __m256i fixed_point(const float* x, __m256 inv_t) {
+  return _mm256_cvtps_epi32(
+      _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv_t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // x as XPieces for `bits`-bit codes, and Σ t_g·m_k per group into sums (the b·Σx terms take the
-// same x as the codes' sums); false if x holds an Inf or a NaN.
-bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out, std::vector<float>& sums) {
+// same x as the codes' sums); false if x holds an Inf or a NaN. AVX2: the integer loops need it.
+REFPG_TARGET_AVX2 bool prepare_pieces(const float* x, int64_t K, int gs, int bits, XPieces& out,
+                                      std::vector<float>& sums) {
   const int chunk_shift = bits == 4 ? 7 : 6;  // codes per chunk: 128 (4-bit) or 64 (8-bit)
   const int64_t per_chunk = int64_t{1} << chunk_shift, chunks = (K + per_chunk - 1) / per_chunk;
   const int64_t hi_to_lo = (bits == 4 ? 2 : 1) * kChunkBytes, chunk_bytes = 2 * hi_to_lo;
   out.bytes.assign(static_cast<size_t>(chunks * chunk_bytes), 0);
   out.step.assign(static_cast<size_t>(K / gs), 0.0f);
   sums.assign(static_cast<size_t>(K / gs), 0.0f);
-  for (int64_t g = 0; g < K / gs; ++g) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+  // within a 4-bit chunk byte i holds codes 2i (low nibble) and 2i+1: x's even k and odd k apart
+  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int64_t g = 0; g < K / gs; ++g) {  // gs: a multiple of 16
     const float* xg = x + g * gs;
-    float top = 0.0f;
-    bool finite = true;
-    for (int j = 0; j < gs; ++j) {
-      finite &= std::isfinite(xg[j]);
-      top = std::max(top, std::fabs(xg[j]));
+    __m256 top8 = _mm256_setzero_ps(), finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int j = 0; j < gs; j += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + j));
+      finite = _mm256_and_ps(finite, _mm256_cmp_ps(a, inf, _CMP_LT_OQ));  // false for Inf and NaN
+      top8 = _mm256_max_ps(top8, a);
     }
-    if (!finite) return false;
+    if (_mm256_movemask_ps(finite) != 0xFF) return false;
     int e = 0;
-    const float f = std::frexp(top, &e);  // top = f · 2^e, f in [0.5, 1)
+    const float f = std::frexp(hmax(top8), &e);  // top = f · 2^e, f in [0.5, 1)
     const int t_exp = std::max(f * 32768.0f <= 32639.0f ? e - 15 : e - 14, -126);
-    const float t = std::ldexp(1.0f, t_exp), inv_t = std::ldexp(1.0f, -t_exp);  // exact powers of two
+    const float t = std::ldexp(1.0f, t_exp);  // an exact power of two, as is 1 / t
     out.step[static_cast<size_t>(g)] = t;
-    int32_t total = 0;
-    for (int j = 0; j < gs; ++j) {
-      // x/t rounded to the nearest integer, ties to even: |x/t| <= 32639 < 2^22, so adding and
-      // removing 1.5 · 2^23 leaves exactly that integer (affine.cpp is compiled without contraction)
-      const int m = static_cast<int>((xg[j] * inv_t + 12582912.0f) - 12582912.0f);
-      total += m;
-      const int hi = (m + 128) >> 8, lo = m - 256 * hi;  // both in [-128, 127]
+    const __m256 inv_t = _mm256_set1_ps(std::ldexp(1.0f, -t_exp));
+    __m256i total = _mm256_setzero_si256();
+    for (int j = 0; j < gs; j += 16) {
+      const __m256i m0 = fixed_point(xg + j, inv_t), m1 = fixed_point(xg + j + 8, inv_t);
+      total = _mm256_add_epi32(total, _mm256_add_epi32(m0, m1));
       const int64_t k = g * gs + j, i = k & (per_chunk - 1);
-      // within a 4-bit chunk byte i holds codes 2i (low nibble) and 2i+1: x_k meets byte k/2's nibble
-      int8_t* c = out.bytes.data() + (k >> chunk_shift) * chunk_bytes + (bits == 4 ? (i & 1) * kChunkBytes + i / 2 : i);
-      c[0] = static_cast<int8_t>(hi);
-      c[hi_to_lo] = static_cast<int8_t>(lo);
+      int8_t* c = out.bytes.data() + (k >> chunk_shift) * chunk_bytes;
+      if (bits == 4) {
+        const __m256i p0 = _mm256_permutevar8x32_epi32(m0, even_odd), p1 = _mm256_permutevar8x32_epi32(m1, even_odd);
+        store_pieces(_mm256_permute2x128_si256(p0, p1, 0x20), c + i / 2, c + hi_to_lo + i / 2);
+        store_pieces(_mm256_permute2x128_si256(p0, p1, 0x31), c + kChunkBytes + i / 2, c + hi_to_lo + kChunkBytes + i / 2);
+      } else {
+        store_pieces(m0, c + i, c + hi_to_lo + i);
+        store_pieces(m1, c + i + 8, c + hi_to_lo + i + 8);
+      }
     }
-    sums[static_cast<size_t>(g)] = t * static_cast<float>(total);  // exact: |total| < 2^24
+    const __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    const __m128i t2 = _mm_add_epi32(t4, _mm_srli_si128(t4, 8));
+    sums[static_cast<size_t>(g)] = t * static_cast<float>(_mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_srli_si128(t2, 4))));  // exact: |total| < 2^24
   }
   return true;
 }
