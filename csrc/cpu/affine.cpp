@@ -306,88 +306,126 @@ REFPG_TARGET_AVX512VNNI inline __m512i lane_groups(int per_lane, int gs) {
 // (and 16 readable floats past the last row's). Code 2i of a row sits in byte i's low nibble, 2i+1
 // in its high one. The AVX2 loop takes 64 codes (32 bytes, half a chunk) a step: vpmaddubsw sums
 // code·piece pairs into 16 bits (|sum| <= 2·15·128), vpmaddwd pairs of those into the lanes' int32.
+// A step for R rows is one inlined function (the last, of 32 codes, its own instance), so that the
+// rows' loop has no branch and the accumulators stay in registers; Fetch: the step starting a
+// 64-byte line of each row prefetches the line `ahead`.
+template <int R, bool Half, bool Fetch>
+REFPG_TARGET_AVX2 __attribute__((always_inline)) inline void dot4_fixed_avx2_step(
+    __m256 (&acc)[R], const uint8_t* bytes, int64_t stride, int64_t at, int gs_shift, int64_t groups,
+    const int8_t* xq, const float* c, const uint8_t* ahead, __m256i idx) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int8_t* xp = xq + (at / 128) * 256 + (at % 128) / 2;
+  const __m256i he = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+  const __m256i ho = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64));
+  const __m256i le = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 128));
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 192));
+  const int64_t first = at >> gs_shift;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* p = bytes + r * stride + at / 2;
+    if (Fetch) prefetch_l2(ahead + r * stride + at / 2);
+    const __m256i v = Half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i even = _mm256_and_si256(v, low), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    const __m256i h = _mm256_madd_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(even, he), _mm256_maddubs_epi16(odd, ho)), ones);
+    const __m256i l = _mm256_madd_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(even, le), _mm256_maddubs_epi16(odd, lo)), ones);
+    const __m256 d = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l));  // exact: |d| < 2^22
+    const __m256 scale = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + r * groups + first), idx);
+    acc[r] = _mm256_fmadd_ps(d, scale, acc[r]);
+  }
+}
+
 template <int R>
 REFPG_TARGET_AVX2 void dot4_fixed_avx2(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
                                        const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i idx = _mm256_setr_epi32(0, 8 / gs, 16 / gs, 24 / gs, 32 / gs, 40 / gs, 48 / gs, 56 / gs);
+  const int gs_shift = __builtin_ctz(static_cast<unsigned>(gs));
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t at = 0; at < K; at += 64) {  // 64 codes in 32 bytes
-    const int8_t* xp = xq + (at / 128) * 256 + (at % 128) / 2;
-    const __m256i he = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
-    const __m256i ho = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64));
-    const __m256i le = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 128));
-    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 192));
-    const int64_t first = at / gs;
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = bytes + r * stride + at / 2;
-      if (at % 128 == 0) prefetch_l2(ahead + r * stride + at / 2);  // one per 64-byte line
-      const __m256i v = K - at >= 64 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                     : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      const __m256i even = _mm256_and_si256(v, low), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const __m256i h = _mm256_madd_epi16(
-          _mm256_add_epi16(_mm256_maddubs_epi16(even, he), _mm256_maddubs_epi16(odd, ho)), ones);
-      const __m256i l = _mm256_madd_epi16(
-          _mm256_add_epi16(_mm256_maddubs_epi16(even, le), _mm256_maddubs_epi16(odd, lo)), ones);
-      const __m256 d = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l));  // exact: |d| < 2^22
-      const __m256 scale = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + r * groups + first), idx);
-      acc[r] = _mm256_fmadd_ps(d, scale, acc[r]);
-    }
+  int64_t at = 0;
+  for (; at + 128 <= K; at += 128) {  // a 64-byte line of each row in two steps of 64 codes
+    dot4_fixed_avx2_step<R, false, true>(acc, bytes, stride, at, gs_shift, groups, xq, c, ahead, idx);
+    dot4_fixed_avx2_step<R, false, false>(acc, bytes, stride, at + 64, gs_shift, groups, xq, c, ahead, idx);
   }
+  if (at + 64 <= K) {
+    dot4_fixed_avx2_step<R, false, true>(acc, bytes, stride, at, gs_shift, groups, xq, c, ahead, idx);
+    at += 64;
+  }
+  if (at < K) dot4_fixed_avx2_step<R, true, true>(acc, bytes, stride, at, gs_shift, groups, xq, c, ahead, idx);
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 // The same with AVX-512 VNNI, 128 codes (one chunk) a step: vpdpbusd sums four code·piece products
-// into each int32 lane.
+// into each int32 lane. One step for R rows is one inlined function, the partial last chunk (masked
+// loads) its own instance: no branch in the rows' loop, so the accumulators stay in registers.
+template <int R, bool Partial>
+REFPG_TARGET_AVX512VNNI __attribute__((always_inline)) inline void dot4_vnni_step(
+    __m512 (&acc)[R], const uint8_t* bytes, int64_t stride, int64_t at, int64_t K, int gs_shift, int64_t groups,
+    const int8_t* xq, const float* c, const uint8_t* ahead, __m512i idx) {
+  const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const int8_t* xp = xq + at * 2;
+  const __m512i he = _mm512_loadu_si512(xp), ho = _mm512_loadu_si512(xp + 64);
+  const __m512i le = _mm512_loadu_si512(xp + 128), lo = _mm512_loadu_si512(xp + 192);
+  const __mmask64 valid = Partial ? (1ull << ((K - at) / 2)) - 1 : ~0ull;
+  const int64_t first = at >> gs_shift;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* p = bytes + r * stride + at / 2;
+    if (!Partial) prefetch_l2(ahead + r * stride + at / 2);
+    const __m512i v = Partial ? _mm512_maskz_loadu_epi8(valid, p) : _mm512_loadu_si512(p);
+    const __m512i even = _mm512_and_si512(v, low), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    const __m512i h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, he), odd, ho);
+    // h·256 + Σ code·lo: exact, |d| < 2^22
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(h, 8), even, le), odd, lo);
+    const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(c + r * groups + first));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r]);
+  }
+}
+
 template <int R>
 REFPG_TARGET_AVX512VNNI void dot4_vnni(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
                                        const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
-  const __m512i low = _mm512_set1_epi8(0x0F), idx = lane_groups(8, gs), zero = _mm512_setzero_si512();
+  const __m512i idx = lane_groups(8, gs);
+  const int gs_shift = __builtin_ctz(static_cast<unsigned>(gs));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t at = 0; at < K; at += 2 * kChunkBytes) {  // 128 codes in 64 bytes
-    const int8_t* xp = xq + at * 2;
-    const __m512i he = _mm512_loadu_si512(xp), ho = _mm512_loadu_si512(xp + 64);
-    const __m512i le = _mm512_loadu_si512(xp + 128), lo = _mm512_loadu_si512(xp + 192);
-    const __mmask64 valid = K - at >= 128 ? ~0ull : (1ull << ((K - at) / 2)) - 1;
-    const int64_t first = at / gs;
-    for (int r = 0; r < R; ++r) {
-      prefetch_l2(ahead + r * stride + at / 2);
-      const uint8_t* p = bytes + r * stride + at / 2;
-      const __m512i v = valid == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(valid, p);
-      const __m512i even = _mm512_and_si512(v, low), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      const __m512i h = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, he), odd, ho);
-      const __m512i l = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, even, le), odd, lo);
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));  // exact: |d| < 2^22
-      const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(c + r * groups + first));
-      acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
-    }
-  }
+  int64_t at = 0;
+  for (; at + 2 * kChunkBytes <= K; at += 2 * kChunkBytes)  // 128 codes in 64 bytes
+    dot4_vnni_step<R, false>(acc, bytes, stride, at, K, gs_shift, groups, xq, c, ahead, idx);
+  if (at < K) dot4_vnni_step<R, true>(acc, bytes, stride, at, K, gs_shift, groups, xq, c, ahead, idx);
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <int R, bool Partial>
+REFPG_TARGET_AVX512VNNI __attribute__((always_inline)) inline void dot8_vnni_step(
+    __m512 (&acc)[R], const uint8_t* bytes, int64_t stride, int64_t at, int64_t K, int gs_shift, int64_t groups,
+    const int8_t* xq, const float* c, const uint8_t* ahead, __m512i idx) {
+  const int8_t* xp = xq + at * 2;
+  const __m512i hi = _mm512_loadu_si512(xp), lo = _mm512_loadu_si512(xp + 64);
+  const __mmask64 valid = Partial ? (1ull << (K - at)) - 1 : ~0ull;
+  const int64_t first = at >> gs_shift;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* p = bytes + r * stride + at;
+    if (!Partial) prefetch_l2(ahead + r * stride + at);
+    const __m512i v = Partial ? _mm512_maskz_loadu_epi8(valid, p) : _mm512_loadu_si512(p);
+    const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, hi);
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_slli_epi32(h, 8), v, lo);  // |d| < 2^26: one rounding below
+    const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(c + r * groups + first));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r]);
+  }
 }
 
 template <int R>
 REFPG_TARGET_AVX512VNNI void dot8_vnni(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
                                        const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
-  const __m512i idx = lane_groups(4, gs), zero = _mm512_setzero_si512();
+  const __m512i idx = lane_groups(4, gs);
+  const int gs_shift = __builtin_ctz(static_cast<unsigned>(gs));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t at = 0; at < K; at += kChunkBytes) {  // 64 codes in 64 bytes
-    const int8_t* xp = xq + at * 2;
-    const __m512i hi = _mm512_loadu_si512(xp), lo = _mm512_loadu_si512(xp + 64);
-    const __mmask64 valid = K - at >= 64 ? ~0ull : (1ull << (K - at)) - 1;
-    const int64_t first = at / gs;
-    for (int r = 0; r < R; ++r) {
-      prefetch_l2(ahead + r * stride + at);
-      const uint8_t* p = bytes + r * stride + at;
-      const __m512i v = valid == ~0ull ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(valid, p);
-      const __m512i h = _mm512_dpbusd_epi32(zero, v, hi), l = _mm512_dpbusd_epi32(zero, v, lo);
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));  // |d| < 2^26: one rounding
-      const __m512 scale = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(c + r * groups + first));
-      acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
-    }
-  }
+  int64_t at = 0;
+  for (; at + kChunkBytes <= K; at += kChunkBytes)  // 64 codes in 64 bytes
+    dot8_vnni_step<R, false>(acc, bytes, stride, at, K, gs_shift, groups, xq, c, ahead, idx);
+  if (at < K) dot8_vnni_step<R, true>(acc, bytes, stride, at, K, gs_shift, groups, xq, c, ahead, idx);
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
