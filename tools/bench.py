@@ -11,7 +11,10 @@ decode against the HBM roofline (bytes per token ÷ the measured device copy ban
 against the bf16 tensor-core peak (`--tc-peak-tflops`, default the H100/H200 SXM dense figure).
 
 Fewer layers (`--vision-layers`, `--text-layers`) keep it to minutes; the LM head (257216 × 2048)
-is always whole. Times are the best of `--repeat` runs.
+is always whole. Image encode and prefill times are the best of `--repeat` runs. The cpp runs
+decode in `--decode-steps` interleaved rounds (one step of each run, batches included, and one
+read-bandwidth measurement per round), so that the ratios compare steps taken under the same
+conditions on a host whose bandwidth moves; decode times are the best step.
 
     python tools/bench.py --shape pg1-224 --text-layers 2 --vision-layers 2 --repeat 3
 """
@@ -142,16 +145,21 @@ def weight_bytes_per_token(w: Weights) -> int:
     return total
 
 
-def read_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes/s reading a matrix far larger than the caches, all cores: the best of a
-    matrix-vector product with OpenBLAS (fp32) and with refpg._C (bf16), which read it once."""
+def bandwidth_probe(nbytes: int = 1 << 30):
+    """A function giving bytes/s reading a matrix far larger than the caches, all cores, once: the
+    better of a matrix-vector product with OpenBLAS (fp32) and with refpg._C (bf16), which read it
+    once. Called between decode steps, so that each round of steps has its own figure."""
     w = np.full((nbytes // 4 // 4096, 4096), 0.5, np.float32)
     x = np.ones((4096, 1), np.float32)
-    bw = max(w.nbytes / best_of(lambda: w @ x, 3), 0.0)
-    if _C is not None and hasattr(_C, "linear"):
-        w16 = np.full((nbytes // 2 // 4096, 4096), 0x3f00, np.uint16)  # written: np.zeros pages would all map to one
-        bw = max(bw, w16.nbytes / best_of(lambda: _C.linear(x.T.copy(), w16), 3))
-    return bw
+    w16 = np.full((nbytes // 2 // 4096, 4096), 0x3f00, np.uint16)  # written: np.zeros pages would all map to one
+    x16 = x.T.copy()
+
+    def probe() -> float:
+        bw = w.nbytes / best_of(lambda: w @ x, 1)
+        if _C is not None and hasattr(_C, "linear"):
+            bw = max(bw, w16.nbytes / best_of(lambda: _C.linear(x16, w16), 1))
+        return bw
+    return probe
 
 
 def device_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -206,44 +214,50 @@ def inputs_for(cfg: PaliGemmaConfig, seed: int = 1):
     return ids.astype(np.int64), pixels, np.zeros_like(ids)
 
 
+def time_prefill(model: PaliGemma, cfg, repeat: int, decode_steps: int, rows: int = 1):
+    """Image encode and prefill (best of `repeat`) of `rows` copies of the image + prompt, and a cache
+    holding that prefill with room for `decode_steps` more tokens."""
+    pixels = np.repeat(inputs_for(cfg)[1], rows, 0)
+    out = {"image encode": best_of(lambda: model.encode_images(pixels), repeat),
+           "prefill (image + prompt)": best_of(lambda: prefilled(model, cfg, decode_steps, rows), repeat)}
+    return out, prefilled(model, cfg, decode_steps, rows)
+
+
+def prefilled(model: PaliGemma, cfg, decode_steps: int, rows: int = 1):
+    """A cache holding the prefill of `rows` copies of the image + prompt, with room for
+    `decode_steps` more tokens."""
+    ids, pixels, types = (np.repeat(a, rows, 0) for a in inputs_for(cfg))
+    cache = model.new_cache(rows, ids.shape[1] + decode_steps + 1)
+    model(ids, pixels, token_type_ids=types, cache=cache, last_only=True)
+    return cache
+
+
+def decode_step(model: PaliGemma, cache) -> float:
+    """Seconds for one decode step: one token per row of the cache."""
+    token = np.full((cache.batch_size, 1), 100)
+    t = time.perf_counter()
+    model(token, cache=cache, last_only=True)
+    return time.perf_counter() - t
+
+
 def time_refpg(model: PaliGemma, cfg, repeat: int, decode_steps: int) -> dict[str, float]:
-    ids, pixels, types = inputs_for(cfg)
-    out = {"image encode": best_of(lambda: model.encode_images(pixels), repeat)}
-
-    def prefill():
-        cache = model.new_cache(1, ids.shape[1] + decode_steps + 1)
-        model(ids, pixels, token_type_ids=types, cache=cache, last_only=True)
-        return cache
-
-    out["prefill (image + prompt)"] = best_of(prefill, repeat)
-    cache = prefill()
-    token = np.array([[100]])
-    per_token = []
-    for _ in range(decode_steps):
-        t = time.perf_counter()
-        model(token, cache=cache, last_only=True)
-        per_token.append(time.perf_counter() - t)
-    out["decode, per token"] = min(per_token)
+    out, cache = time_prefill(model, cfg, repeat, decode_steps)
+    out["decode, per token"] = min(decode_step(model, cache) for _ in range(decode_steps))
     return out
 
 
-def time_batch_decode(model: PaliGemma, cfg, batch_sizes: list[int], decode_steps: int) -> dict[int, float]:
-    """Seconds per decode step for each batch size B: B copies of the image + prompt prefilled, then
-    one token per row per step through the cache (best of `decode_steps` steps)."""
-    ids, pixels, types = inputs_for(cfg)
-    out = {}
-    for B in batch_sizes:
-        cache = model.new_cache(B, ids.shape[1] + decode_steps + 1)
-        model(np.repeat(ids, B, 0), np.repeat(pixels, B, 0), token_type_ids=np.repeat(types, B, 0), cache=cache,
-              last_only=True)
-        token = np.full((B, 1), 100)
-        steps = []
-        for _ in range(decode_steps):
-            t = time.perf_counter()
-            model(token, cache=cache, last_only=True)
-            steps.append(time.perf_counter() - t)
-        out[B] = min(steps)
-    return out
+def time_decode_rounds(runs: dict, steps: int, probe) -> tuple[dict[str, list[float]], list[float]]:
+    """Decode steps of several runs interleaved: each round times one step of every run (name ->
+    (model, cache)) and the read bandwidth, so that every run of a round meets the same machine (a
+    shared host's bandwidth moves by 1.5x within minutes). Returns the step times per run and the
+    bandwidth per round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    bandwidth = []
+    for _ in range(steps):
+        for name, (model, cache) in runs.items():
+            times[name].append(decode_step(model, cache))
+        bandwidth.append(probe())
+    return times, bandwidth
 
 
 def time_threads(model: PaliGemma, cfg, repeat: int, decode_steps: int) -> dict[int, dict[str, float]]:
@@ -418,13 +432,25 @@ def main(argv=None) -> None:
     runs: dict[str, dict[str, float]] = {}
     quantized: dict[int, Weights] = {}
     have_cpp = backend.available("cpp") == list(backend.OP_NAMES)
+    decoding: dict[str, tuple] = {}  # the cpp runs' (model, cache), decoded in interleaved rounds below
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if have_cpp and not args.no_cpp:  # before numpy: see time_ops
-        runs["refpg cpp fp32"] = time_refpg(PaliGemma(cfg, w32, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
-        runs["refpg cpp bf16"] = time_refpg(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
+        models = {"refpg cpp fp32": w32, "refpg cpp bf16": w16}
         for bits in () if args.no_quantized else (8, 4):
             quantized[bits] = to_affine(w16, bits)
-            runs[f"refpg cpp {bits}-bit"] = time_refpg(PaliGemma(cfg, quantized[bits], Selection.from_spec("cpp")), cfg,
-                                                       args.repeat, args.decode_steps)
+            models[f"refpg cpp {bits}-bit"] = quantized[bits]
+        for name, w in models.items():
+            model = PaliGemma(cfg, w, Selection.from_spec("cpp"))
+            runs[name], cache = time_prefill(model, cfg, args.repeat, args.decode_steps)
+            decoding[name] = (model, cache)
+        bf16_model = decoding["refpg cpp bf16"][0]
+        for B in batch_sizes:
+            if B != 1:
+                decoding[f"bf16 x{B}"] = (bf16_model, prefilled(bf16_model, cfg, args.decode_steps, B))
+    probe = bandwidth_probe()
+    steps, bandwidth = time_decode_rounds(decoding, args.decode_steps, probe) if decoding else ({}, [probe()])
+    for name in runs:
+        runs[name]["decode, per token"] = min(steps[name])
     have_cuda = "cuda" not in backend.UNAVAILABLE
     if have_cuda:
         info = _C.cuda.device_info()
@@ -470,15 +496,23 @@ def main(argv=None) -> None:
               f"TFLOP/s = {flops / t_pre / 1e12 / args.tc_peak_tflops * 100:.0f}% of {args.tc_peak_tflops:.0f} TFLOP/s "
               f"bf16 tensor-core peak")
 
-    if have_cpp and not args.no_cpp and args.batch_sizes.strip():
-        sizes = [int(b) for b in args.batch_sizes.split(",")]
-        steps = time_batch_decode(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, sizes, args.decode_steps)
-        base = sizes[0]  # the row count the others are compared with (1 by default)
-        print("\ndecode batches, refpg cpp bf16 (one token per row per step, through the cache)")
-        print(f"{'rows':>6s} {'ms / step':>10s} {'tokens/s':>10s} {f'step vs {base}':>14s} {f'tokens/s vs {base}':>18s}")
-        for B, t in steps.items():
-            print(f"{B:6d} {t * 1e3:10.1f} {B / t:10.1f} {t / steps[base]:13.2f}x "
-                  f"{B / t / (base / steps[base]):17.2f}x")
+    if decoding:
+        rounds = len(bandwidth)
+        print(f"\ndecode, {rounds} interleaved rounds (each times one step of every cpp run and the read bandwidth)")
+        for name in runs:
+            if name in steps and name != "refpg cpp bf16":
+                ratio = np.array(steps["refpg cpp bf16"]) / np.array(steps[name])
+                print(f"  {name:16s} vs refpg cpp bf16, per round: median {np.median(ratio):.2f}x "
+                      f"(range {ratio.min():.2f}-{ratio.max():.2f}x; > 1 is faster)")
+    if decoding and batch_sizes:
+        one = np.array(steps["refpg cpp bf16"])
+        print("\ndecode batches, refpg cpp bf16 (one token per row per step, through the cache; best step of the "
+              "rounds above, ratios: median of per-round ratios)")
+        print(f"{'rows':>6s} {'ms / step':>10s} {'tokens/s':>10s} {'step vs 1':>14s} {'tokens/s vs 1':>18s}")
+        for B in batch_sizes:
+            t = one if B == 1 else np.array(steps[f"bf16 x{B}"])
+            ratio = np.median(t / one)
+            print(f"{B:6d} {t.min() * 1e3:10.1f} {B / t.min():10.1f} {ratio:13.2f}x {B / ratio:17.2f}x")
     if have_cpp and not args.no_cpp and not args.no_threads:
         by_threads = time_threads(PaliGemma(cfg, w16, Selection.from_spec("cpp")), cfg, args.repeat, args.decode_steps)
         print("\nthreads, refpg cpp bf16 (refpg._C.set_num_threads)")
@@ -498,16 +532,18 @@ def main(argv=None) -> None:
             seconds = t["prefill (image + prompt)"]
             print(f"  {n:16s} {flops / seconds / 1e9:7.1f} GFLOP/s = {flops / seconds / peak * 100:3.0f}% of the FMA peak")
 
-    bw = read_bandwidth()
-    print(f"\ndecode roofline: measured read bandwidth {bw / 1e9:.1f} GB/s")
+    bw = np.array(bandwidth)
+    print(f"\ndecode roofline: measured read bandwidth {bw.min() / 1e9:.1f}-{bw.max() / 1e9:.1f} GB/s over "
+          f"{len(bw)} round(s); a cpp run's fraction is the median over the rounds of its step against that round's "
+          f"bandwidth, the others' against the best")
     for n, w in (("refpg cpp fp32", w32), ("refpg cpp bf16", w16), *((f"refpg cpp {b}-bit", quantized[b]) for b in quantized),
                  ("torch fp32", w32), ("torch bf16", w16), ("refpg numpy", w32)):
         if n in runs:
             nbytes = weight_bytes_per_token(w)
-            floor = nbytes / bw
             t_dec = runs[n]['decode, per token']
-            print(f"  {n:16s} reads {nbytes / 1e9:.2f} GB/token: roofline {floor * 1e3:.1f} ms, measured "
-                  f"{t_dec * 1e3:.1f} ms ({nbytes / t_dec / 1e9:.1f} GB/s) = {floor / t_dec * 100:.0f}% of roofline")
+            fraction = np.median(nbytes / bw / np.array(steps[n])) if n in steps else nbytes / bw.max() / t_dec
+            print(f"  {n:16s} reads {nbytes / 1e9:.2f} GB/token: best step {t_dec * 1e3:.1f} ms "
+                  f"({nbytes / t_dec / 1e9:.1f} GB/s) = {fraction * 100:.0f}% of roofline")
 
 
 if __name__ == "__main__":
