@@ -44,9 +44,16 @@ inline float value_at(const void* p, WeightFormat f, int64_t i) {
 }
 
 // values_at(p, f, first + i) for i < n into out (the format switch outside the loop).
-void values_at(const void* p, WeightFormat f, int64_t first, int64_t n, float* out) {
+REFPG_TARGET_AVX2 void bf16_values_avx2(const uint16_t* p, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(p + i));
+  for (; i < n; ++i) out[i] = bf16_to_f32(p[i]);
+}
+
+void values_at(const void* p, WeightFormat f, int64_t first, int64_t n, float* out, SimdPath path) {
   switch (f) {
     case WeightFormat::BF16:
+      if (uses_avx2(path)) return bf16_values_avx2(static_cast<const uint16_t*>(p) + first, n, out);
       for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(static_cast<const uint16_t*>(p)[first + i]);
       return;
     case WeightFormat::F16:
@@ -56,14 +63,34 @@ void values_at(const void* p, WeightFormat f, int64_t first, int64_t n, float* o
   }
 }
 
-// Σ a_i·b_i in four interleaved partial sums (independent chains, not one n-long one).
-float sum_of_products(const float* a, const float* b, int64_t n) {
+// Σ a_i·b_i in four interleaved partial sums (independent chains, not one n-long one); AVX2: eight.
+REFPG_TARGET_AVX2 float sum_of_products_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return hsum(acc) + tail;
+}
+
+float sum_of_products(const float* a, const float* b, int64_t n, SimdPath path) {
+  if (uses_avx2(path)) return sum_of_products_avx2(a, b, n);
   float acc[4] = {};
   int64_t i = 0;
   for (; i + 4 <= n; i += 4)
     for (int j = 0; j < 4; ++j) acc[j] += a[i + j] * b[i + j];
   for (; i < n; ++i) acc[0] += a[i] * b[i];
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// c[r·n + i] = s[r·n + i] · t[i] for `rows` rows of n.
+REFPG_TARGET_AVX2 void scale_rows_avx2(const float* s, const float* t, int rows, int64_t n, float* c) {
+  for (int r = 0; r < rows; ++r) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(c + r * n + i, _mm256_mul_ps(_mm256_loadu_ps(s + r * n + i), _mm256_loadu_ps(t + i)));
+    for (; i < n; ++i) c[r * n + i] = s[r * n + i] * t[i];
+  }
 }
 
 // Code i of a row's bit stream (least significant bit first).
@@ -141,8 +168,8 @@ bool dequantize_span_vector(const AffineWeight& w, int64_t K, int64_t n, int64_t
   const int64_t groups = kc / w.group_size, first = n * (K / w.group_size) + k0 / w.group_size;
   float* s = scratch;
   float* b = scratch + groups;
-  values_at(w.scales, w.scale_format, first, groups, s);
-  values_at(w.biases, w.scale_format, first, groups, b);
+  values_at(w.scales, w.scale_format, first, groups, s, path);
+  values_at(w.biases, w.scale_format, first, groups, b, path);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words_per_row(w, K)) + k0 * w.bits / 8;
   if (w.scale_format == WeightFormat::BF16)
     dequantize_row_avx2<WeightFormat::BF16>(bytes, w.bits, w.group_size, groups, s, b, out);
@@ -493,17 +520,16 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
     std::vector<float> c(static_cast<size_t>(kRows * groups + 16), 0.0f);  // + 16: see dot4_fixed_avx2
     for (int64_t n = n0; n < n1; n += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - n));
-      values_at(w.scales, w.scale_format, n * groups, rows * groups, s.data());
-      values_at(w.biases, w.scale_format, n * groups, rows * groups, b.data());
+      values_at(w.scales, w.scale_format, n * groups, rows * groups, s.data(), path);
+      values_at(w.biases, w.scale_format, n * groups, rows * groups, b.data(), path);
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words);
       // the rows `tiles_ahead` tiles on, fetched while this one is computed (itself near the end)
       const uint8_t* ahead = n + (tiles_ahead + 1) * kRows <= n1 ? bytes + tiles_ahead * kRows * stride : bytes;
       for (int64_t m = 0; m < p.M; ++m) {
         const XRow& x = xs[m];
         const float* scales = s.data();
-        if (is_fixed(x.dot)) {  // c_g = s_g · t_g
-          for (int r = 0; r < rows; ++r)
-            for (int64_t g = 0; g < groups; ++g) c[r * groups + g] = s[r * groups + g] * x.pieces.step[g];
+        if (is_fixed(x.dot)) {  // c_g = s_g · t_g (the integer loops have AVX2)
+          scale_rows_avx2(s.data(), x.pieces.step.data(), rows, groups, c.data());
           scales = c.data();
         }
         float d[kRows] = {};
@@ -517,7 +543,7 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
             dot_rows<1>(x, bytes + r * stride, stride, p.K, w.group_size, scales + r * groups, bytes, d + r);
         }
         for (int r = 0; r < rows; ++r) {
-          const float biases = sum_of_products(b.data() + r * groups, x.sums.data(), groups);  // Σ_g b_g · Σ x over g
+          const float biases = sum_of_products(b.data() + r * groups, x.sums.data(), groups, path);  // Σ_g b_g · Σ x over g
           p.y[m * p.ldy + n + r] = d[r] + biases + (p.bias ? p.bias[n + r] : 0.0f);
         }
       }
