@@ -322,11 +322,10 @@ REFPG_TARGET_AVX2 bool prepare_pieces(const float* x, int64_t K, int gs, int bit
 }
 
 // Lane j of a chunk's int32 sums covers codes [j·per_lane, (j+1)·per_lane) of the chunk: its group,
-// counted from the chunk's first.
-REFPG_TARGET_AVX512VNNI inline __m512i lane_groups(int per_lane, int gs) {
-  alignas(64) int32_t idx[16];
-  for (int j = 0; j < 16; ++j) idx[j] = j * per_lane / gs;
-  return _mm512_load_si512(idx);
+// counted from the chunk's first (groups of 2^gs_shift codes; no division: this runs once per tile).
+REFPG_TARGET_AVX512VNNI inline __m512i lane_groups(int per_lane, int gs_shift) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_srl_epi32(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(per_lane)), _mm_cvtsi32_si128(gs_shift));
 }
 
 // Σ_g c_g · Σ_{k in g} m_k·q_k for R rows at once: `c` holds row r's c_g = s_g·t_g at c + r·groups
@@ -366,8 +365,8 @@ REFPG_TARGET_AVX2 __attribute__((always_inline)) inline void dot4_fixed_avx2_ste
 template <int R>
 REFPG_TARGET_AVX2 void dot4_fixed_avx2(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
                                        const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
-  const __m256i idx = _mm256_setr_epi32(0, 8 / gs, 16 / gs, 24 / gs, 32 / gs, 40 / gs, 48 / gs, 56 / gs);
   const int gs_shift = __builtin_ctz(static_cast<unsigned>(gs));
+  const __m256i idx = _mm256_srl_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), _mm_cvtsi32_si128(gs_shift));
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   int64_t at = 0;
@@ -412,8 +411,8 @@ REFPG_TARGET_AVX512VNNI __attribute__((always_inline)) inline void dot4_vnni_ste
 template <int R>
 REFPG_TARGET_AVX512VNNI void dot4_vnni(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
                                        const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
-  const __m512i idx = lane_groups(8, gs);
   const int gs_shift = __builtin_ctz(static_cast<unsigned>(gs));
+  const __m512i idx = lane_groups(8, gs_shift);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t at = 0;
@@ -445,8 +444,8 @@ REFPG_TARGET_AVX512VNNI __attribute__((always_inline)) inline void dot8_vnni_ste
 template <int R>
 REFPG_TARGET_AVX512VNNI void dot8_vnni(const uint8_t* bytes, int64_t stride, int64_t K, int gs, int64_t groups,
                                        const int8_t* xq, const float* c, const uint8_t* ahead, float* out) {
-  const __m512i idx = lane_groups(4, gs);
   const int gs_shift = __builtin_ctz(static_cast<unsigned>(gs));
+  const __m512i idx = lane_groups(4, gs_shift);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t at = 0;
