@@ -67,6 +67,7 @@ void bind_simd(py::module_& m) {
     d["avx512f"] = f.avx512f;
     d["avx512bf16"] = f.avx512bf16;
     d["avx512vnni"] = f.avx512vnni;
+    d["avx512vbmi"] = f.avx512vbmi;
     d["amx_bf16"] = f.amx_bf16;
     return d;
   }, "SIMD features of this CPU, detected at run time (CPUID + XGETBV).");

@@ -223,10 +223,11 @@ def x_in_fixed_point(x: np.ndarray, group_size: int) -> np.ndarray:
     return (np.rint(groups / t) * t).reshape(x.shape)
 
 
-@pytest.mark.parametrize("path, bits", [("avx2", 4), ("avx512", 4), ("avx512", 8)])
+@pytest.mark.parametrize("path, bits", [("avx2", 4), ("avx512", 4), ("avx512", 8), ("avx512", 3), ("avx512", 6)])
 @pytest.mark.parametrize("group_size", AFFINE_GROUP_SIZES)
 def test_the_integer_gemv_is_the_dot_product_with_x_in_16_bit_fixed_point(path, bits, group_size):
-    """Decode on 4-bit codes with AVX2, and on 4- and 8-bit codes with AVX-512 VNNI, multiplies the
+    """Decode on 4-bit codes with AVX2, and on codes of every width with AVX-512 VNNI (3- and 6-bit
+    ones unpacked to bytes first), multiplies the
     codes by x rounded to 16-bit fixed point per group (x_in_fixed_point), in integers: the result is
     Σ w·x̃ with w = s·q + b unrounded, to float32 accumulation (<= 1e-6 of Σ|w·x̃|); x̃ is within 2^-15
     of the group's largest |x| of x. K = 352 ends in a partial 64-byte chunk of codes, N = 37 in a

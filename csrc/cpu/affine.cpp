@@ -455,13 +455,71 @@ REFPG_TARGET_AVX512VNNI void dot8_vnni(const uint8_t* bytes, int64_t stride, int
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// ---- 2-, 3-, 5- and 6-bit codes: unpacked a tile at a time to one byte each, for the 8-bit loops ---
+
+// B-bit codes (8 codes in B bytes, least significant bit first) of `rows` rows `stride` bytes apart
+// into one byte per code, rows K bytes apart (K: a multiple of 32); prefetches the rows at `ahead`.
+template <int B>
+void unpack_rows_scalar(const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
+                        uint8_t* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < K / 8; ++i) {
+      if (i % 8 == 0) prefetch_l2(ahead + r * stride + i * B);
+      uint64_t v = 0;
+      std::memcpy(&v, bytes + r * stride + i * B, B);  // little-endian: code j at bits j·B
+      for (int j = 0; j < 8; ++j) out[r * K + 8 * i + j] = static_cast<uint8_t>((v >> (j * B)) & ((1u << B) - 1));
+    }
+}
+
+// The same, 64 codes a step: vpermb puts the B bytes of each 8 codes in their own quadword,
+// vpmultishiftqb takes code j from bit j·B of it.
+template <int B>
+REFPG_TARGET_AVX512VBMI void unpack_rows_vbmi(const uint8_t* bytes, int64_t stride, int rows, int64_t K,
+                                              const uint8_t* ahead, uint8_t* out) {
+  alignas(64) uint8_t gather[64], shifts[64];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      gather[8 * i + j] = static_cast<uint8_t>(i * B + j);
+      shifts[8 * i + j] = static_cast<uint8_t>(j * B);
+    }
+  const __m512i g = _mm512_load_si512(gather), sh = _mm512_load_si512(shifts);
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
+  for (int r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; k += 64) {  // the last step may hold 32 codes
+      const int64_t n = std::min<int64_t>(64, K - k);
+      const uint8_t* p = bytes + r * stride + k / 8 * B;
+      prefetch_l2(ahead + r * stride + k / 8 * B);
+      const __m512i v = _mm512_maskz_loadu_epi8((1ull << (n / 8 * B)) - 1, p);  // n / 8 · B <= 48 bytes
+      const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(sh, _mm512_permutexvar_epi8(g, v)), mask);
+      _mm512_mask_storeu_epi8(out + r * K + k, n == 64 ? ~0ull : (1ull << n) - 1, codes);
+    }
+}
+
+bool unpacks(const AffineWeight& w, SimdPath path) { return w.bits != 4 && w.bits != 8 && uses_avx2(path); }
+
+void unpack_rows(int bits, const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
+                 uint8_t* out, SimdPath path) {
+  const bool vbmi = (path == SimdPath::Avx512 || path == SimdPath::Amx) && cpu_features().avx512vbmi;
+  switch (bits) {
+    case 2: return vbmi ? unpack_rows_vbmi<2>(bytes, stride, rows, K, ahead, out)
+                        : unpack_rows_scalar<2>(bytes, stride, rows, K, ahead, out);
+    case 3: return vbmi ? unpack_rows_vbmi<3>(bytes, stride, rows, K, ahead, out)
+                        : unpack_rows_scalar<3>(bytes, stride, rows, K, ahead, out);
+    case 5: return vbmi ? unpack_rows_vbmi<5>(bytes, stride, rows, K, ahead, out)
+                        : unpack_rows_scalar<5>(bytes, stride, rows, K, ahead, out);
+    default: return vbmi ? unpack_rows_vbmi<6>(bytes, stride, rows, K, ahead, out)
+                         : unpack_rows_scalar<6>(bytes, stride, rows, K, ahead, out);
+  }
+}
+
 // Float8: the float loop; Fixed*: the integer loops on x in fixed point (XPieces).
 enum class Dot { Scalar, Float8, Fixed4Avx2, Fixed4Vnni, Fixed8Vnni };
 
 bool is_fixed(Dot dot) { return dot == Dot::Fixed4Avx2 || dot == Dot::Fixed4Vnni || dot == Dot::Fixed8Vnni; }
 
+// 2/3/5/6-bit codes take the 8-bit loops on their unpacked bytes (unpacks).
 Dot choose_dot(const AffineWeight& w, SimdPath path) {
-  if ((w.bits != 4 && w.bits != 8) || !uses_avx2(path)) return Dot::Scalar;
+  if (!uses_avx2(path)) return Dot::Scalar;
   const bool vnni = (path == SimdPath::Avx512 || path == SimdPath::Amx) && cpu_features().avx512vnni;
   if (w.bits == 4) return vnni ? Dot::Fixed4Vnni : Dot::Fixed4Avx2;
   // 8-bit codes times a signed byte overflow vpmaddubsw's 16-bit pair sums: without VNNI, floats
@@ -511,12 +569,15 @@ void dot_rows(const XRow& x, const uint8_t* bytes, int64_t stride, int64_t K, in
 void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
   const Dot dot = choose_dot(w, path);
   std::vector<XRow> xs;
-  for (int64_t m = 0; m < p.M; ++m) xs.push_back(prepare_row(p.x + m * p.ldx, p.K, w.group_size, w.bits, dot));
+  const bool unpacked = unpacks(w, path);  // then the loops read a tile's codes as bytes, rows K apart
+  for (int64_t m = 0; m < p.M; ++m)
+    xs.push_back(prepare_row(p.x + m * p.ldx, p.K, w.group_size, unpacked ? 8 : w.bits, dot));
   const int64_t groups = p.K / w.group_size, words = words_per_row(w, p.K), stride = words * 4;
   const int64_t tiles_ahead = std::max<int64_t>(1, kPrefetchBytes / (kRows * std::max<int64_t>(stride, 1)));
   parallel_for(p.N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> s(static_cast<size_t>(kRows * groups)), b(static_cast<size_t>(kRows * groups));
     std::vector<float> c(static_cast<size_t>(kRows * groups + 16), 0.0f);  // + 16: see dot4_fixed_avx2
+    std::vector<uint8_t> codes(unpacked ? static_cast<size_t>(kRows * p.K) : 0);
     for (int64_t n = n0; n < n1; n += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, n1 - n));
       values_at(w.scales, w.scale_format, n * groups, rows * groups, s.data(), path);
@@ -524,6 +585,12 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words);
       // the rows `tiles_ahead` tiles on, fetched while this one is computed (itself near the end)
       const uint8_t* ahead = n + (tiles_ahead + 1) * kRows <= n1 ? bytes + tiles_ahead * kRows * stride : bytes;
+      int64_t row_bytes = stride;
+      if (unpacked) {
+        unpack_rows(w.bits, bytes, stride, rows, p.K, ahead, codes.data(), path);
+        bytes = ahead = codes.data();
+        row_bytes = p.K;
+      }
       for (int64_t m = 0; m < p.M; ++m) {
         const XRow& x = xs[m];
         const float* scales = s.data();
@@ -536,10 +603,10 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
           for (int r = 0; r < rows; ++r)
             d[r] = dot_scalar(w.codes + (n + r) * words, w.bits, w.group_size, groups, x.x.data(), scales + r * groups);
         } else if (rows == kRows) {
-          dot_rows<kRows>(x, bytes, stride, p.K, w.group_size, scales, m + 1 == p.M ? ahead : bytes, d);
+          dot_rows<kRows>(x, bytes, row_bytes, p.K, w.group_size, scales, m + 1 == p.M ? ahead : bytes, d);
         } else {
           for (int r = 0; r < rows; ++r)
-            dot_rows<1>(x, bytes + r * stride, stride, p.K, w.group_size, scales + r * groups, bytes, d + r);
+            dot_rows<1>(x, bytes + r * row_bytes, row_bytes, p.K, w.group_size, scales + r * groups, bytes, d + r);
         }
         for (int r = 0; r < rows; ++r) {
           const float biases = sum_of_products(b.data() + r * groups, x.sums.data(), groups, path);  // Σ_g b_g · Σ x over g

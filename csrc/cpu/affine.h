@@ -10,8 +10,9 @@
 //   the reference by about a bf16 rounding of each product (the op table states its bound). 4-bit
 //   codes (AVX2), and 4- and 8-bit codes where the CPU has AVX-512 VNNI (the Avx512 and Amx paths),
 //   take integer dot products on x rounded to 16-bit fixed point per group (<= 2^-15 of the
-//   group's largest |x|; see affine.cpp); 8-bit codes without VNNI a float loop (AVX2); other
-//   widths, and the Scalar path, a portable loop.
+//   group's largest |x|; see affine.cpp); 8-bit codes without VNNI a float loop (AVX2). 2-, 3-, 5-
+//   and 6-bit codes are unpacked a tile of rows at a time to one byte each (AVX-512 VBMI byte
+//   permutes, else a scalar loop) and take the 8-bit loops. The Scalar path: a portable loop.
 #pragma once
 #include <cstdint>
 

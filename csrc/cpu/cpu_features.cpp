@@ -40,6 +40,7 @@ CpuFeatures detect() {
   f.avx512f = zmm_state && (b & (1u << 16));
   const bool avx512bw = f.avx512f && (b & (1u << 30));        // the AMX path's packing uses it
   f.avx512vnni = avx512bw && (c & (1u << 11));
+  f.avx512vbmi = avx512bw && (c & (1u << 1));
   const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
   const bool tile_state = (xcr0_lo & 0x60000) == 0x60000;     // XTILECFG + XTILEDATA
   if (f.avx512f && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512bf16 = a & (1u << 5);

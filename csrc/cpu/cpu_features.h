@@ -11,6 +11,7 @@ struct CpuFeatures {
   bool avx512f = false;
   bool avx512bf16 = false;
   bool avx512vnni = false;  // with AVX-512 BW: the quantized GEMV's integer dot products (affine.cpp)
+  bool avx512vbmi = false;  // with AVX-512 BW: its byte permutes, unpacking 2/3/5/6-bit codes
   // AMX tiles with bf16 products (and AVX-512 BF16 + BW beside them), usable: the OS saves tile
   // state and granted this process its use
   // (Linux arch_prctl ARCH_REQ_XCOMP_PERM, asked once, when the features are first read).

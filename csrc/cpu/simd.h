@@ -14,6 +14,7 @@
 #define REFPG_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define REFPG_TARGET_AVX512 __attribute__((target("avx512f")))
 #define REFPG_TARGET_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define REFPG_TARGET_AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
 #define REFPG_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #define REFPG_TARGET_AMX __attribute__((target("amx-tile,amx-bf16")))
 
