@@ -465,8 +465,8 @@ void unpack_rows_scalar(const uint8_t* bytes, int64_t stride, int rows, int64_t 
   for (int r = 0; r < rows; ++r)
     for (int64_t i = 0; i < K / 8; ++i) {
       if (i % 8 == 0) prefetch_l2(ahead + r * stride + i * B);
-      uint64_t v = 0;
-      std::memcpy(&v, bytes + r * stride + i * B, B);  // little-endian: code j at bits j·B
+      uint64_t v = 0;  // little-endian: code j at bits j·B; 8 bytes read where the row has them
+      std::memcpy(&v, bytes + r * stride + i * B, i * B + 8 <= stride ? 8 : B);
       for (int j = 0; j < 8; ++j) out[r * K + 8 * i + j] = static_cast<uint8_t>((v >> (j * B)) & ((1u << B) - 1));
     }
 }
