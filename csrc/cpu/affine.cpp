@@ -43,13 +43,13 @@ inline float value_at(const void* p, WeightFormat f, int64_t i) {
   }
 }
 
-// values_at(p, f, first + i) for i < n into out (the format switch outside the loop).
 REFPG_TARGET_AVX2 void bf16_values_avx2(const uint16_t* p, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(p + i));
   for (; i < n; ++i) out[i] = bf16_to_f32(p[i]);
 }
 
+// values_at(p, f, first + i) for i < n into out (the format switch outside the loop).
 void values_at(const void* p, WeightFormat f, int64_t first, int64_t n, float* out, SimdPath path) {
   switch (f) {
     case WeightFormat::BF16:
@@ -308,7 +308,8 @@ REFPG_TARGET_AVX2 bool prepare_pieces(const float* x, int64_t K, int gs, int bit
       if (bits == 4) {
         const __m256i p0 = _mm256_permutevar8x32_epi32(m0, even_odd), p1 = _mm256_permutevar8x32_epi32(m1, even_odd);
         store_pieces(_mm256_permute2x128_si256(p0, p1, 0x20), c + i / 2, c + hi_to_lo + i / 2);
-        store_pieces(_mm256_permute2x128_si256(p0, p1, 0x31), c + kChunkBytes + i / 2, c + hi_to_lo + kChunkBytes + i / 2);
+        store_pieces(_mm256_permute2x128_si256(p0, p1, 0x31), c + kChunkBytes + i / 2,
+                     c + hi_to_lo + kChunkBytes + i / 2);
       } else {
         store_pieces(m0, c + i, c + hi_to_lo + i);
         store_pieces(m1, c + i + 8, c + hi_to_lo + i + 8);
@@ -316,7 +317,8 @@ REFPG_TARGET_AVX2 bool prepare_pieces(const float* x, int64_t K, int gs, int bit
     }
     const __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
     const __m128i t2 = _mm_add_epi32(t4, _mm_srli_si128(t4, 8));
-    sums[static_cast<size_t>(g)] = t * static_cast<float>(_mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_srli_si128(t2, 4))));  // exact: |total| < 2^24
+    const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_srli_si128(t2, 4)));
+    sums[static_cast<size_t>(g)] = t * static_cast<float>(sum);  // exact: |sum| < 2^24
   }
   return true;
 }
