@@ -193,7 +193,7 @@ def test_refpg_quantize_writes_a_checkpoint_that_loads_and_stays_close(tmp_path)
     assert 0 < err < 0.05, err  # 8 bits in groups of 32: about 1 % here
 
 
-@pytest.mark.parametrize("bits", [4, 8, 3])
+@pytest.mark.parametrize("bits", [4, 8, 3, 6])
 def test_a_quantized_checkpoint_runs_on_cpp_like_the_reference(tmp_path, bits):
     """cpp reads the packed codes itself (csrc/cpu/affine.h): prefill and decode through the cache
     agree with the NumPy reference's dequantized model, and greedy decoding picks the same tokens."""
