@@ -119,6 +119,63 @@ void dequantize_span(const AffineWeight& w, int64_t K, int64_t n, int64_t k0, in
   }
 }
 
+// ---- 2-, 3-, 5- and 6-bit codes: unpacked to one byte each, for the 8-bit code paths ---------
+
+// B-bit codes (8 codes in B bytes, least significant bit first) of `rows` rows `stride` bytes apart
+// into one byte per code, rows K bytes apart (K: a multiple of 32); prefetches the rows at `ahead`.
+template <int B>
+void unpack_rows_scalar(const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
+                        uint8_t* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < K / 8; ++i) {
+      if (i % 8 == 0) prefetch_l2(ahead + r * stride + i * B);
+      uint64_t v = 0;  // little-endian: code j at bits j·B; 8 bytes read where the row has them
+      std::memcpy(&v, bytes + r * stride + i * B, i * B + 8 <= stride ? 8 : B);
+      for (int j = 0; j < 8; ++j) out[r * K + 8 * i + j] = static_cast<uint8_t>((v >> (j * B)) & ((1u << B) - 1));
+    }
+}
+
+// The same, 64 codes a step: vpermb puts the B bytes of each 8 codes in their own quadword,
+// vpmultishiftqb takes code j from bit j·B of it.
+template <int B>
+REFPG_TARGET_AVX512VBMI void unpack_rows_vbmi(const uint8_t* bytes, int64_t stride, int rows, int64_t K,
+                                              const uint8_t* ahead, uint8_t* out) {
+  alignas(64) uint8_t gather[64], shifts[64];
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      gather[8 * i + j] = static_cast<uint8_t>(i * B + j);
+      shifts[8 * i + j] = static_cast<uint8_t>(j * B);
+    }
+  const __m512i g = _mm512_load_si512(gather), sh = _mm512_load_si512(shifts);
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
+  for (int r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; k += 64) {  // the last step may hold 32 codes
+      const int64_t n = std::min<int64_t>(64, K - k);
+      const uint8_t* p = bytes + r * stride + k / 8 * B;
+      prefetch_l2(ahead + r * stride + k / 8 * B);
+      const __m512i v = _mm512_maskz_loadu_epi8((1ull << (n / 8 * B)) - 1, p);  // n / 8 · B <= 48 bytes
+      const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(sh, _mm512_permutexvar_epi8(g, v)), mask);
+      _mm512_mask_storeu_epi8(out + r * K + k, n == 64 ? ~0ull : (1ull << n) - 1, codes);
+    }
+}
+
+bool unpacks(const AffineWeight& w, SimdPath path) { return w.bits != 4 && w.bits != 8 && uses_avx2(path); }
+
+void unpack_rows(int bits, const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
+                 uint8_t* out, SimdPath path) {
+  const bool vbmi = (path == SimdPath::Avx512 || path == SimdPath::Amx) && cpu_features().avx512vbmi;
+  switch (bits) {
+    case 2: return vbmi ? unpack_rows_vbmi<2>(bytes, stride, rows, K, ahead, out)
+                        : unpack_rows_scalar<2>(bytes, stride, rows, K, ahead, out);
+    case 3: return vbmi ? unpack_rows_vbmi<3>(bytes, stride, rows, K, ahead, out)
+                        : unpack_rows_scalar<3>(bytes, stride, rows, K, ahead, out);
+    case 5: return vbmi ? unpack_rows_vbmi<5>(bytes, stride, rows, K, ahead, out)
+                        : unpack_rows_scalar<5>(bytes, stride, rows, K, ahead, out);
+    default: return vbmi ? unpack_rows_vbmi<6>(bytes, stride, rows, K, ahead, out)
+                         : unpack_rows_scalar<6>(bytes, stride, rows, K, ahead, out);
+  }
+}
+
 // The same, 8 or 16 weights at a time, for 4- and 8-bit codes with F32 or BF16 scales (every
 // rounding as in the scalar code: the results are the same floats, which the op table's exact
 // embedding cases check on each path).
@@ -161,28 +218,35 @@ REFPG_TARGET_AVX2 void dequantize_row_avx2(const uint8_t* bytes, int bits, int g
 }
 
 // The same with the vector code where it applies (false where it does not); scratch: 2 · kc / group
-// size floats.
+// size floats; codes: kc bytes (2-, 3-, 5- and 6-bit codes are unpacked there and read as 8-bit).
 bool dequantize_span_vector(const AffineWeight& w, int64_t K, int64_t n, int64_t k0, int64_t kc, float* out,
-                            SimdPath path, float* scratch) {
-  if (!uses_avx2(path) || (w.bits != 4 && w.bits != 8) || w.scale_format == WeightFormat::F16) return false;
+                            SimdPath path, float* scratch, uint8_t* codes) {
+  if (!uses_avx2(path) || w.scale_format == WeightFormat::F16) return false;
   const int64_t groups = kc / w.group_size, first = n * (K / w.group_size) + k0 / w.group_size;
   float* s = scratch;
   float* b = scratch + groups;
   values_at(w.scales, w.scale_format, first, groups, s, path);
   values_at(w.biases, w.scale_format, first, groups, b, path);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.codes + n * words_per_row(w, K)) + k0 * w.bits / 8;
+  int bits = w.bits;
+  if (unpacks(w, path)) {
+    unpack_rows(w.bits, bytes, kc * w.bits / 8, 1, kc, bytes, codes, path);
+    bytes = codes;
+    bits = 8;
+  }
   if (w.scale_format == WeightFormat::BF16)
-    dequantize_row_avx2<WeightFormat::BF16>(bytes, w.bits, w.group_size, groups, s, b, out);
+    dequantize_row_avx2<WeightFormat::BF16>(bytes, bits, w.group_size, groups, s, b, out);
   else
-    dequantize_row_avx2<WeightFormat::F32>(bytes, w.bits, w.group_size, groups, s, b, out);
+    dequantize_row_avx2<WeightFormat::F32>(bytes, bits, w.group_size, groups, s, b, out);
   return true;
 }
 
 // `count` rows of W, exactly, into out (rows K floats apart): rows ids[i].
 void dequantize_rows(const AffineWeight& w, int64_t K, int64_t count, const int64_t* ids, float* out, SimdPath path) {
   std::vector<float> scratch(static_cast<size_t>(2 * (K / w.group_size) + 1));
+  std::vector<uint8_t> codes(static_cast<size_t>(K));
   for (int64_t i = 0; i < count; ++i)
-    if (!dequantize_span_vector(w, K, ids[i], 0, K, out + i * K, path, scratch.data()))
+    if (!dequantize_span_vector(w, K, ids[i], 0, K, out + i * K, path, scratch.data(), codes.data()))
       dequantize_span(w, K, ids[i], 0, K, out + i * K);
 }
 
@@ -191,8 +255,9 @@ void dequantize_rows(const AffineWeight& w, int64_t K, int64_t count, const int6
 void gemm(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
   linear_spans(p, [&](int64_t n, int64_t cols, int64_t k0, int64_t kc, float* dst) {
     float scratch[2 * kWeightSpanDepth / 32];  // two floats per group of a span, groups >= 32
+    uint8_t codes[kWeightSpanDepth];
     for (int64_t j = 0; j < cols; ++j)
-      if (!dequantize_span_vector(w, p.K, n + j, k0, kc, dst + j * kc, path, scratch))
+      if (!dequantize_span_vector(w, p.K, n + j, k0, kc, dst + j * kc, path, scratch, codes))
         dequantize_span(w, p.K, n + j, k0, kc, dst + j * kc);
   }, path);
 }
@@ -457,63 +522,6 @@ REFPG_TARGET_AVX512VNNI void dot8_vnni(const uint8_t* bytes, int64_t stride, int
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// ---- 2-, 3-, 5- and 6-bit codes: unpacked a tile at a time to one byte each, for the 8-bit loops ---
-
-// B-bit codes (8 codes in B bytes, least significant bit first) of `rows` rows `stride` bytes apart
-// into one byte per code, rows K bytes apart (K: a multiple of 32); prefetches the rows at `ahead`.
-template <int B>
-void unpack_rows_scalar(const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
-                        uint8_t* out) {
-  for (int r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < K / 8; ++i) {
-      if (i % 8 == 0) prefetch_l2(ahead + r * stride + i * B);
-      uint64_t v = 0;  // little-endian: code j at bits j·B; 8 bytes read where the row has them
-      std::memcpy(&v, bytes + r * stride + i * B, i * B + 8 <= stride ? 8 : B);
-      for (int j = 0; j < 8; ++j) out[r * K + 8 * i + j] = static_cast<uint8_t>((v >> (j * B)) & ((1u << B) - 1));
-    }
-}
-
-// The same, 64 codes a step: vpermb puts the B bytes of each 8 codes in their own quadword,
-// vpmultishiftqb takes code j from bit j·B of it.
-template <int B>
-REFPG_TARGET_AVX512VBMI void unpack_rows_vbmi(const uint8_t* bytes, int64_t stride, int rows, int64_t K,
-                                              const uint8_t* ahead, uint8_t* out) {
-  alignas(64) uint8_t gather[64], shifts[64];
-  for (int i = 0; i < 8; ++i)
-    for (int j = 0; j < 8; ++j) {
-      gather[8 * i + j] = static_cast<uint8_t>(i * B + j);
-      shifts[8 * i + j] = static_cast<uint8_t>(j * B);
-    }
-  const __m512i g = _mm512_load_si512(gather), sh = _mm512_load_si512(shifts);
-  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << B) - 1));
-  for (int r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < K; k += 64) {  // the last step may hold 32 codes
-      const int64_t n = std::min<int64_t>(64, K - k);
-      const uint8_t* p = bytes + r * stride + k / 8 * B;
-      prefetch_l2(ahead + r * stride + k / 8 * B);
-      const __m512i v = _mm512_maskz_loadu_epi8((1ull << (n / 8 * B)) - 1, p);  // n / 8 · B <= 48 bytes
-      const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(sh, _mm512_permutexvar_epi8(g, v)), mask);
-      _mm512_mask_storeu_epi8(out + r * K + k, n == 64 ? ~0ull : (1ull << n) - 1, codes);
-    }
-}
-
-bool unpacks(const AffineWeight& w, SimdPath path) { return w.bits != 4 && w.bits != 8 && uses_avx2(path); }
-
-void unpack_rows(int bits, const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
-                 uint8_t* out, SimdPath path) {
-  const bool vbmi = (path == SimdPath::Avx512 || path == SimdPath::Amx) && cpu_features().avx512vbmi;
-  switch (bits) {
-    case 2: return vbmi ? unpack_rows_vbmi<2>(bytes, stride, rows, K, ahead, out)
-                        : unpack_rows_scalar<2>(bytes, stride, rows, K, ahead, out);
-    case 3: return vbmi ? unpack_rows_vbmi<3>(bytes, stride, rows, K, ahead, out)
-                        : unpack_rows_scalar<3>(bytes, stride, rows, K, ahead, out);
-    case 5: return vbmi ? unpack_rows_vbmi<5>(bytes, stride, rows, K, ahead, out)
-                        : unpack_rows_scalar<5>(bytes, stride, rows, K, ahead, out);
-    default: return vbmi ? unpack_rows_vbmi<6>(bytes, stride, rows, K, ahead, out)
-                         : unpack_rows_scalar<6>(bytes, stride, rows, K, ahead, out);
-  }
-}
-
 // Float8: the float loop; Fixed*: the integer loops on x in fixed point (XPieces).
 enum class Dot { Scalar, Float8, Fixed4Avx2, Fixed4Vnni, Fixed8Vnni };
 
@@ -588,7 +596,7 @@ void gemv(const LinearArgs& p, const AffineWeight& w, SimdPath path) {
       // the rows `tiles_ahead` tiles on, fetched while this one is computed (itself near the end)
       const uint8_t* ahead = n + (tiles_ahead + 1) * kRows <= n1 ? bytes + tiles_ahead * kRows * stride : bytes;
       int64_t row_bytes = stride;
-      if (unpacked) {
+      if (unpacked) {  // (the packed rows ahead are prefetched by the unpacking)
         unpack_rows(w.bits, bytes, stride, rows, p.K, ahead, codes.data(), path);
         bytes = ahead = codes.data();
         row_bytes = p.K;
