@@ -214,13 +214,13 @@ def inputs_for(cfg: PaliGemmaConfig, seed: int = 1):
     return ids.astype(np.int64), pixels, np.zeros_like(ids)
 
 
-def time_prefill(model: PaliGemma, cfg, repeat: int, decode_steps: int, rows: int = 1):
-    """Image encode and prefill (best of `repeat`) of `rows` copies of the image + prompt, and a cache
-    holding that prefill with room for `decode_steps` more tokens."""
-    pixels = np.repeat(inputs_for(cfg)[1], rows, 0)
+def time_prefill(model: PaliGemma, cfg, repeat: int, decode_steps: int):
+    """Image encode and prefill (best of `repeat`) of the image + prompt, and a cache holding that
+    prefill with room for `decode_steps` more tokens."""
+    pixels = inputs_for(cfg)[1]
     out = {"image encode": best_of(lambda: model.encode_images(pixels), repeat),
-           "prefill (image + prompt)": best_of(lambda: prefilled(model, cfg, decode_steps, rows), repeat)}
-    return out, prefilled(model, cfg, decode_steps, rows)
+           "prefill (image + prompt)": best_of(lambda: prefilled(model, cfg, decode_steps), repeat)}
+    return out, prefilled(model, cfg, decode_steps)
 
 
 def prefilled(model: PaliGemma, cfg, decode_steps: int, rows: int = 1):
@@ -249,7 +249,7 @@ def time_refpg(model: PaliGemma, cfg, repeat: int, decode_steps: int) -> dict[st
 def time_decode_rounds(runs: dict, steps: int, probe) -> tuple[dict[str, list[float]], list[float]]:
     """Decode steps of several runs interleaved: each round times one step of every run (name ->
     (model, cache)) and the read bandwidth, so that every run of a round meets the same machine (a
-    shared host's bandwidth moves by 1.5x within minutes). Returns the step times per run and the
+    shared host's bandwidth moves by up to 2x within a minute). Returns the step times per run and the
     bandwidth per round."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     bandwidth = []
