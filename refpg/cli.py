@@ -96,46 +96,62 @@ def draw_answer(answer: str, image_path: str, out: str | None, vae) -> None:
 # picked among 500-539 as ones the shipped model answers entirely right: a showcase, not a measurement.
 DEMO_SEEDS = (506, 501, 502)
 DEMO_ZOOM = 4                  # the 64-pixel scenes are drawn 4x larger in the picture
+DEMO_WORLD = "grid"            # refpg.scenes.WORLDS: where the shipped model's shapes sit
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Ask the shipped model every question about a few scenes; draw its detections."""
+    """Ask the shipped model every question about a few scenes; draw its detections (its masks, where
+    it has a VQ-VAE beside it to decode `segment` answers)."""
+    import numpy as np
     import PIL.Image
 
     from refpg import scenes
     from refpg.detection import Box, draw_detections, parse_detections
     from refpg.model import PaliGemma
     from refpg.processor import Processor
+    from refpg.segmentation import load_vae, parse_segments
 
     check_output(args.out, "--out", image=True)
     path = refpg.DEMO_MODEL
     t0 = time.perf_counter()
     proc = Processor.from_pretrained(path)
     model = PaliGemma.from_pretrained(path)  # no backend: the fastest available
+    vae = load_vae(os.path.join(path, "vae.npz")) if os.path.isfile(os.path.join(path, "vae.npz")) else None
     print(f"refpg demo: the tiny PaliGemma shipped in {path} "
           f"({model.config.vision.image_size}x{model.config.vision.image_size} images), "
           f"backend {model.selection.describe()}, loaded in {time.perf_counter() - t0:.2f} s")
-    tile = scenes.SIZE * DEMO_ZOOM
+    z = DEMO_ZOOM
+    tile = scenes.SIZE * z
     picture = PIL.Image.new("RGB", (tile * len(DEMO_SEEDS) + 8 * (len(DEMO_SEEDS) - 1), tile), "white")
     drawn: list[Box] = []
+    masks: list[np.ndarray] = []
+    shown = "segment" if vae is not None else "detect"  # the picture shows each object's own answer to this
     for i, seed in enumerate(DEMO_SEEDS):
-        scene = scenes.scene_for_seed(seed)
+        scene = scenes.scene_for_seed(seed, scenes.WORLDS[DEMO_WORLD])
         left = i * (tile + 8)
         picture.paste(scene.image.resize((tile, tile), PIL.Image.Resampling.NEAREST), (left, 0))
         print(f"\nscene {i + 1} (seed {seed}, {len(scene.objects)} shape{'s' if len(scene.objects) > 1 else ''}; "
               f"panel {i + 1} of {args.out})")
-        for prompt, _ in scenes.tasks(scene):
+        for prompt, _ in scenes.tasks(scene, vae):
             t1 = time.perf_counter()
-            ids = model.generate(proc(images=[scene.image], prompts=[prompt]), max_new_tokens=24)
+            ids = model.generate(proc(images=[scene.image], prompts=[prompt]), max_new_tokens=26)
             answer = proc.decode(ids[0])
             print(f"  {prompt} \u2192 {answer}   ({(time.perf_counter() - t1) * 1000:.0f} ms)")
-            if scenes.task_kind(prompt) != "detect":
-                continue  # the picture shows each object's own detection ("detect red circle")
-            for b in parse_detections(answer, scenes.SIZE, scenes.SIZE):
-                z = DEMO_ZOOM
-                drawn.append(Box(b.label, b.y0 * z, b.x0 * z + left, b.y1 * z, b.x1 * z + left))
-    draw_detections(picture, drawn, args.out)
-    print(f"\nwrote {os.path.abspath(args.out)}: the {len(DEMO_SEEDS)} scenes with the {len(drawn)} detected boxes drawn")
+            if scenes.task_kind(prompt) != shown:
+                continue
+            if shown == "detect":
+                boxes = parse_detections(answer, scenes.SIZE, scenes.SIZE)
+            else:
+                valid = [seg for seg in parse_segments(answer, scenes.SIZE, scenes.SIZE, vae) if seg.problem is None]
+                boxes = [seg.box for seg in valid]
+                for seg in valid:  # the 64-pixel mask, zoomed into its panel of the picture
+                    mask = np.zeros((picture.height, picture.width), bool)
+                    mask[:, left:left + tile] = np.kron(seg.mask, np.ones((z, z), bool))
+                    masks.append(mask)
+            drawn += [Box(b.label, b.y0 * z, b.x0 * z + left, b.y1 * z, b.x1 * z + left) for b in boxes]
+    draw_detections(picture, drawn, args.out, masks=masks or None)
+    what = f"{len(masks)} segmented masks" if vae is not None else f"{len(drawn)} detected boxes"
+    print(f"\nwrote {os.path.abspath(args.out)}: the {len(DEMO_SEEDS)} scenes with the {what} drawn")
 
 
 SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"}

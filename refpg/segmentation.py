@@ -207,6 +207,15 @@ def encode_masks(vae: VQVAE, masks) -> np.ndarray:
     """masks float [N, 64, 64] in [0, 1] (the object's box, resized) -> codes int64 [N, 16]: the
     encoder, then each of the 4 × 4 vectors' nearest codebook row (big_vision's
     encode_to_codebook_indices)."""
+    x = encoder_outputs(vae, masks)                             # [N, 4, 4, D]
+    flat = x.reshape(-1, vae.codebook.shape[1])  # [N·16, D]
+    distances = (flat ** 2).sum(1, keepdims=True) + (vae.codebook ** 2).sum(1) - 2 * flat @ vae.codebook.T
+    return distances.argmin(1).reshape(len(x), NUM_TOKENS).astype(np.int64)
+
+
+def encoder_outputs(vae: VQVAE, masks) -> np.ndarray:
+    """masks float [N, 64, 64] in [0, 1] -> the encoder's code vectors float32 [N, 4, 4, D], before
+    they are replaced by their nearest codebook rows."""
     if vae.encoder is None:
         raise InputError("this VQ-VAE file has no encoder (encoder.* tensors): it can decode masks, not encode them")
     masks = np.asarray(masks, np.float32)
@@ -220,9 +229,7 @@ def encode_masks(vae: VQVAE, masks) -> np.ndarray:
             x = res_block(x, convs)
         else:
             x = conv2d(x, *convs[0])  # [N, 4, 4, D]
-    flat = x.reshape(-1, vae.codebook.shape[1])  # [N·16, D]
-    distances = (flat ** 2).sum(1, keepdims=True) + (vae.codebook ** 2).sum(1) - 2 * flat @ vae.codebook.T
-    return distances.argmin(1).reshape(len(masks), NUM_TOKENS).astype(np.int64)
+    return x.astype(np.float32)
 
 
 def load_vae(path: str | os.PathLike | None = None, beside: str | os.PathLike | None = None) -> VQVAE | None:
@@ -280,6 +287,17 @@ def _read_object(part: str, width: int, height: int, num_codes: int):
     if py1 <= py0 or px1 <= px0:
         return label, None, codes, f"the box is under one pixel in a {width}×{height} image"
     return label, Box(label, py0, px0, py1, px1), codes, None
+
+
+def format_segments(objects: list[tuple[Box, tuple[int, ...]]], width: int, height: int) -> str:
+    """The answer PaliGemma gives for objects [(box in whole pixels, 16 codes)], labelled by box.label:
+    each box edge p of an image side S becomes <loc ⌈p · 1023 / S⌉>, which parse_segments' (big_vision's)
+    ⌊v / 1023 · S⌋ reads back as p exactly."""
+    def loc(p: float, side: int) -> str:
+        return f"<loc{min(LOC_MAX, -(-int(p) * LOC_MAX // side)):04d}>"
+
+    return " ; ".join(loc(b.y0, height) + loc(b.x0, width) + loc(b.y1, height) + loc(b.x1, width)
+                      + "".join(f"<seg{c:03d}>" for c in codes) + " " + b.label for b, codes in objects)
 
 
 def mask_in_image(logits: np.ndarray, box: Box, width: int, height: int) -> np.ndarray:

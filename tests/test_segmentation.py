@@ -11,7 +11,8 @@ import pytest
 
 from conftest import assert_one_line_error, rel_err, run_cli
 from refpg.errors import CheckpointError, InputError
-from refpg.segmentation import VQVAE, conv_transpose2d, load_vae, mask_in_image, parse_segments
+from refpg.segmentation import (VQVAE, conv_transpose2d, encode_masks, encoder_outputs, load_vae, mask_in_image,
+                                parse_segments)
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -317,3 +318,57 @@ def test_a_vae_npz_beside_the_checkpoint_is_the_default(tmp_path, monkeypatch):
     monkeypatch.setenv("REFPG_VAE", other)  # the environment, then --vae, come first
     assert load_vae(None, beside=tmp_path).num_codes == 64
     assert load_vae(os.path.join(tmp_path, "vae.npz"), beside=tmp_path).num_codes == 32
+
+
+@pytest.mark.parametrize("side", [64, 37, 100, 1023])
+def test_formatted_segments_read_back_as_the_same_pixel_boxes(side):
+    """format_segments bins each whole-pixel edge so that big_vision's reading gives it back exactly."""
+    from refpg.detection import Box
+    from refpg.segmentation import format_segments
+
+    vae = VQVAE.from_state_dict(vae_state_dict(np.random.default_rng(4), 128, 8, 16))
+    rng = np.random.default_rng(side)
+    for _ in range(40):
+        y0, y1 = sorted(rng.choice(side + 1, 2, replace=False))
+        x0, x1 = sorted(rng.choice(side + 1, 2, replace=False))
+        codes = tuple(int(c) for c in rng.integers(0, 128, 16))
+        text = format_segments([(Box("red circle", y0, x0, y1, x1), codes)], side, side)
+        (seg,) = parse_segments(text, side, side, vae)
+        assert seg.problem is None and seg.label == "red circle" and seg.codes == codes
+        assert (seg.box.y0, seg.box.x0, seg.box.y1, seg.box.x1) == (y0, x0, y1, x1)
+    edges = format_segments([(Box("a", 0, 0, side, side), (0,) * 16)], side, side)
+    assert edges.startswith("<loc0000><loc0000><loc1023><loc1023>")
+
+
+def test_a_scenes_segment_answers_are_its_boxes_and_the_codes_of_its_masks():
+    from refpg import scenes
+
+    vae = VQVAE.from_state_dict(vae_state_dict(np.random.default_rng(5), 128, 8, 16))
+    scene = scenes.scene_for_seed(3, scenes.FREE_WORLD)
+    answers = {p: a for p, a in scenes.tasks(scene, vae) if scenes.task_kind(p) == "segment"}
+    assert len(answers) == len(scene.objects) and not any(scenes.task_kind(p) == "segment" for p, _ in scenes.tasks(scene))
+    for (colour, shape, box), mask in zip(scene.objects, scene.masks):
+        (seg,) = parse_segments(answers[f"segment {colour} {shape}"], scenes.SIZE, scenes.SIZE, vae)
+        assert seg.label == f"{colour} {shape}" and (seg.box.y0, seg.box.x0, seg.box.y1, seg.box.x1) == \
+            (box.y0, box.x0, box.y1, box.x1)
+        assert seg.codes == tuple(encode_masks(vae, scenes.box_mask(mask, box)[None])[0])
+
+
+def test_the_demo_vae_trainer_writes_the_network_refpg_reads():
+    """tools/train_vae.py's torch modules (TensorFlow SAME padding by hand) and its state-dict names
+    give, through refpg's NumPy encoder and decoder, what the torch network itself computes."""
+    import train_vae
+
+    torch.manual_seed(0)
+    encoder, decoder = train_vae.build(torch)
+    masks = np.random.default_rng(6).uniform(size=(8, 64, 64)).astype(np.float32)  # noise: every pixel counts
+    with torch.no_grad():
+        z = encoder(2 * (torch.from_numpy(masks)[:, None] - 0.5))                  # [8, D, 4, 4]
+        codebook = z.permute(0, 2, 3, 1).reshape(-1, train_vae.CODE_DIM)[::2] + 0.01  # 64 codes near the vectors
+        _, codes = train_vae.quantize(torch, z, codebook)
+        q = codebook[codes].reshape(len(masks), 4, 4, -1).permute(0, 3, 1, 2)
+        logits = decoder(q)[:, 0].numpy()
+    vae = VQVAE.from_state_dict(train_vae.state_dict(encoder, decoder, codebook))
+    assert rel_err(encoder_outputs(vae, masks), z.permute(0, 2, 3, 1).numpy()) <= 1e-5
+    assert len(np.unique(codes.numpy())) > 16 and np.array_equal(encode_masks(vae, masks), codes.numpy())
+    assert rel_err(vae.decode(codes.numpy()), logits) <= 1e-5

@@ -115,6 +115,7 @@ TOKENIZER_SEEDS = range(1000, 4000)
 EXTRA_ROWS = 64                 # embedding rows past the sentencepiece vocabulary (<image> is the first)
 
 ARCH = dict(
+    image_size=scenes.SIZE,
     vision_hidden=128, vision_mlp=512, vision_heads=4, vision_layers=4, patch=8,
     text_hidden=128, text_mlp=512, text_heads=4, text_kv_heads=4, text_head_dim=32, text_layers=4,
 )
@@ -128,6 +129,7 @@ def tokenizer_sentences() -> list[str]:
     texts = {scenes.CAPTION, scenes.COUNT, scenes.DETECT_ALL, *scenes.NUMBERS.values(), *scenes.COLOURS}
     texts |= {scenes.detect_prompt(c, s) for c in scenes.COLOURS for s in scenes.SHAPES}
     texts |= {scenes.colour_prompt(s) for s in scenes.SHAPES}
+    texts |= {scenes.segment_prompt(c, s) for c in scenes.COLOURS for s in scenes.SHAPES}
     for seed in TOKENIZER_SEEDS:
         texts.add(scenes.caption(scenes.scene_for_seed(seed)))
     return sorted(texts)
@@ -160,7 +162,7 @@ def train_tokenizer() -> bytes:
 
 def sparse_config(sp_vocab: int, arch: dict = ARCH) -> dict:
     """config.json as published: only what differs from transformers' defaults."""
-    n_image = (scenes.SIZE // arch["patch"]) ** 2
+    n_image = (arch["image_size"] // arch["patch"]) ** 2
     vocab = sp_vocab + EXTRA_ROWS
     text = {
         "model_type": "gemma", "hidden_size": arch["text_hidden"], "intermediate_size": arch["text_mlp"],
@@ -172,7 +174,7 @@ def sparse_config(sp_vocab: int, arch: dict = ARCH) -> dict:
     vision = {
         "model_type": "siglip_vision_model", "hidden_size": arch["vision_hidden"],
         "intermediate_size": arch["vision_mlp"], "num_attention_heads": arch["vision_heads"],
-        "num_hidden_layers": arch["vision_layers"], "patch_size": arch["patch"], "image_size": scenes.SIZE,
+        "num_hidden_layers": arch["vision_layers"], "patch_size": arch["patch"], "image_size": arch["image_size"],
         "num_image_tokens": n_image, "projection_dim": arch["text_hidden"], "vision_use_head": False,
     }
     return {
@@ -191,7 +193,7 @@ def preprocessor_config(cfg: dict) -> dict:
             "image_seq_length": cfg["text_config"]["num_image_tokens"], "processor_class": "PaliGemmaProcessor"}
 
 
-def write_setup(out_dir: str) -> None:
+def write_setup(out_dir: str, arch: dict = ARCH) -> None:
     """tokenizer.model, config.json and preprocessor_config.json (everything but the weights)."""
     import sentencepiece as spm
 
@@ -199,7 +201,7 @@ def write_setup(out_dir: str) -> None:
     tok = train_tokenizer()
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(tok)
-    cfg = sparse_config(spm.SentencePieceProcessor(model_proto=tok).get_piece_size())
+    cfg = sparse_config(spm.SentencePieceProcessor(model_proto=tok).get_piece_size(), arch)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
@@ -221,21 +223,25 @@ def save_weights(model, out_dir: str) -> None:
 # ---------------------------------------------------------------- data
 
 
-def training_tasks(scene: scenes.Scene, seed: int) -> list[tuple[str, str]]:
-    """The questions a training step asks about the scene of `seed`: all of them but the colour
-    questions, of which one (picked by the seed) — the colour task is the easiest to learn."""
-    qa = scenes.tasks(scene)
-    colour = [t for t in qa if scenes.task_kind(t[0]) == "colour"]
-    return [t for t in qa if scenes.task_kind(t[0]) != "colour" or t == colour[seed % len(colour)]]
+def training_tasks(scene: scenes.Scene, seed: int, vae=None) -> list[tuple[str, str]]:
+    """The questions a training step asks about the scene of `seed`: all of them but the colour and
+    segmentation questions, of which one each (picked by the seed) — the colour task is the easiest
+    to learn, and a segmentation repeats a detection's box."""
+    qa = scenes.tasks(scene, vae)
+    out = [t for t in qa if scenes.task_kind(t[0]) not in ("colour", "segment")]
+    for kind in ("colour", "segment"):
+        some = [t for t in qa if scenes.task_kind(t[0]) == kind]
+        out += [some[seed % len(some)]] if some else []
+    return out
 
 
-def make_batch(proc: Processor, seeds) -> dict:
+def make_batch(proc: Processor, seeds, world: scenes.World = scenes.GRID_WORLD, vae=None) -> dict:
     """The training questions about the scenes of `seeds`, as the Processor builds them, and which
     image each row asks about."""
     images, prompts, answers, image_of_row = [], [], [], []
     for i, seed in enumerate(seeds):
-        scene = scenes.scene_for_seed(seed)
-        for prompt, answer in training_tasks(scene, seed):
+        scene = scenes.scene_for_seed(seed, world)
+        for prompt, answer in training_tasks(scene, seed, vae):
             images.append(scene.image)
             prompts.append(prompt)
             answers.append(answer)
@@ -272,13 +278,14 @@ def answer_loss(model, batch: dict):
     return F.cross_entropy(logits.float(), target[scored])
 
 
-def held_out_report(model, proc: Processor, seeds=range(300, 332)) -> str:
+def held_out_report(model, proc: Processor, world: scenes.World, vae, seeds=range(300, 332)) -> str:
     """Per task kind, the fraction of answers whose every token is the argmax given the ones before
     (teacher forcing: a quick proxy of greedy exact match) on scenes no training step sees."""
     import torch
 
-    batch = make_batch(proc, seeds)
-    kinds = [scenes.task_kind(p) for seed in seeds for p, _ in training_tasks(scenes.scene_for_seed(seed), seed)]
+    batch = make_batch(proc, seeds, world, vae)
+    kinds = [scenes.task_kind(p) for seed in seeds
+             for p, _ in training_tasks(scenes.scene_for_seed(seed, world), seed, vae)]
     t = {k: torch.from_numpy(v) for k, v in batch.items()}
     model.eval()
     with torch.no_grad():
@@ -289,7 +296,7 @@ def held_out_report(model, proc: Processor, seeds=range(300, 332)) -> str:
     scored = t["token_type_ids"][:, 1:] == 1
     right = ((logits.argmax(-1) == t["input_ids"][:, 1:]) | ~scored).all(1).numpy()
     return "  ".join(f"{k} {np.mean([r for r, kk in zip(right, kinds) if kk == k]):.2f}"
-                     for k in ("caption", "count", "colour", "detect", "detect all"))
+                     for k in ("caption", "count", "colour", "detect", "detect all", "segment") if k in kinds)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -313,11 +320,21 @@ def build_model(out_dir: str, seed: int):
 
 
 def train(out_dir: str, steps: int, images_per_step: int, peak_lr: float, warmup: int, seed: int,
-          weight_decay: float, log_every: int, threads: int = 2) -> None:
+          weight_decay: float, log_every: int, threads: int = 2, world: scenes.World = scenes.GRID_WORLD,
+          vae_path: str | None = None, image_size: int = scenes.SIZE) -> None:
+    import shutil
+
     import torch
 
+    from refpg.segmentation import VQVAE
+
     torch.set_num_threads(threads)
-    write_setup(out_dir)
+    write_setup(out_dir, dict(ARCH, image_size=image_size))
+    vae = None
+    if vae_path:
+        vae = VQVAE.load(vae_path)
+        if os.path.abspath(vae_path) != os.path.abspath(os.path.join(out_dir, "vae.npz")):
+            shutil.copyfile(vae_path, os.path.join(out_dir, "vae.npz"))  # refpg finds it beside the model
     proc = Processor.from_pretrained(out_dir)
     model = build_model(out_dir, seed)
     model.train()
@@ -335,7 +352,7 @@ def train(out_dir: str, steps: int, images_per_step: int, peak_lr: float, warmup
         for g in opt.param_groups:
             g["lr"] = lr
         first = TRAIN_SEED_START + step * images_per_step
-        batch = make_batch(proc, range(first, first + images_per_step))
+        batch = make_batch(proc, range(first, first + images_per_step), world, vae)
         loss = answer_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -347,7 +364,7 @@ def train(out_dir: str, steps: int, images_per_step: int, peak_lr: float, warmup
             print(f"step {step + 1:5d}/{steps}  loss {loss.item():.4f} (avg {running:.4f})  lr {lr:.2e}  "
                   f"{elapsed / 60:.1f} min  {(step + 1) * images_per_step / elapsed:.1f} images/s", flush=True)
         if (step + 1) % (log_every * 10) == 0 or step == steps - 1:
-            print(f"  held-out answers right (teacher-forced): {held_out_report(model, proc)}", flush=True)
+            print(f"  held-out answers right (teacher-forced): {held_out_report(model, proc, world, vae)}", flush=True)
     model.eval()
     save_weights(model, out_dir)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
@@ -366,9 +383,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2, help="torch compute threads (default 2)")
+    ap.add_argument("--world", choices=sorted(scenes.WORLDS), default="grid", help="where shapes sit (refpg.scenes)")
+    ap.add_argument("--vae", help="a VQ-VAE (tools/train_vae.py) whose codes answer `segment` questions; "
+                                  "copied beside the model as vae.npz")
+    ap.add_argument("--image-size", type=int, default=scenes.SIZE,
+                    help=f"the vision tower's input side (the {scenes.SIZE}-px scenes are resized to it)")
     args = ap.parse_args(argv)
+    if args.image_size % ARCH["patch"]:
+        ap.error(f"--image-size must be a multiple of the patch size {ARCH['patch']}")
     train(args.out, args.steps, args.images_per_step, args.lr, args.warmup, args.seed, args.weight_decay,
-          args.log_every, args.threads)
+          args.log_every, args.threads, scenes.WORLDS[args.world], args.vae, args.image_size)
 
 
 if __name__ == "__main__":
