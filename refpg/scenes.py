@@ -276,6 +276,20 @@ def is_right(prompt: str, expected: str, answer: str) -> bool:
                                             for f, t in zip(found, truth))
 
 
+def mask_iou(scene: Scene, prompt: str, answer: str, vae) -> float:
+    """IoU of a `segment` answer's first mask (refpg.segmentation, decoded by `vae`) with the prompt's
+    object's true pixels (coverage > 1/2); 0 if the answer names another object or does not decode."""
+    from refpg.segmentation import parse_segments
+
+    name = prompt.removeprefix("segment ")
+    i = next(i for i, (colour, shape, _) in enumerate(scene.objects) if f"{colour} {shape}" == name)
+    found = parse_segments(answer, SIZE, SIZE, vae)[:1]
+    if not found or found[0].mask is None or found[0].label != name:
+        return 0.0
+    truth = scene.masks[i] > 0.5
+    return float((found[0].mask & truth).sum() / (found[0].mask | truth).sum())
+
+
 def scene_for_seed(seed: int, world: World = GRID_WORLD) -> Scene:
     """The scene of one integer seed (training, evaluation and the demo use disjoint seed ranges)."""
     return make_scene(np.random.default_rng(seed), world=world)

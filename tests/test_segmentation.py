@@ -372,3 +372,21 @@ def test_the_demo_vae_trainer_writes_the_network_refpg_reads():
     assert rel_err(encoder_outputs(vae, masks), z.permute(0, 2, 3, 1).numpy()) <= 1e-5
     assert len(np.unique(codes.numpy())) > 16 and np.array_equal(encode_masks(vae, masks), codes.numpy())
     assert rel_err(vae.decode(codes.numpy()), logits) <= 1e-5
+
+
+def test_a_segment_answers_mask_iou_is_scored_against_the_objects_true_pixels():
+    """scenes.mask_iou (eval_demo's and test_demo's measure): a mask filling the answer's box scores
+    the fraction of the box the shape covers; a mask of another object, an empty mask and an answer
+    that does not decode score 0."""
+    from refpg import scenes
+
+    scene = next(s for s in map(lambda seed: scenes.scene_for_seed(seed, scenes.FREE_WORLD), range(100))
+                 if len(s.objects) >= 2)
+    tasks = [(p, a) for p, a in scenes.tasks(scene, constant_vae(1.0)) if scenes.task_kind(p) == "segment"]
+    for (prompt, expected), (_, _, box), cover in zip(tasks, scene.objects, scene.masks):
+        area = (box.y1 - box.y0) * (box.x1 - box.x0)
+        assert scenes.mask_iou(scene, prompt, expected, constant_vae(1.0)) == pytest.approx((cover > 0.5).sum() / area)
+        assert scenes.mask_iou(scene, prompt, expected, constant_vae(-1.0)) == 0.0
+    (p0, a0), (p1, a1) = tasks[:2]
+    assert scenes.mask_iou(scene, p0, a1, constant_vae(1.0)) == 0.0    # the other object's answer
+    assert scenes.mask_iou(scene, p0, a0[:40], constant_vae(1.0)) == 0.0  # cut short: does not decode

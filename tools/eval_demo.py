@@ -45,7 +45,7 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
     fraction correct (mean IoU for masks), on the scenes of `seeds` in `world`."""
     from refpg import PaliGemma, Processor, scenes
     from refpg.detection import iou, parse_detections
-    from refpg.segmentation import load_vae, parse_segments
+    from refpg.segmentation import load_vae
 
     proc = Processor.from_pretrained(model_dir)
     model = PaliGemma.from_pretrained(model_dir, backend=backend)
@@ -68,7 +68,7 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
             for (scene, prompt, answer), row in zip(chunk, ids):
                 text = proc.decode(row)
                 ok = scenes.is_right(prompt, answer, text) if kind != "segment" else \
-                    mask_iou(scene, prompt, text, vae, parse_segments)
+                    scenes.mask_iou(scene, prompt, text, vae)
                 right[kind] += ok
                 if kind == "detect":
                     truth, found = parse_detections(answer, scenes.SIZE, scenes.SIZE)[0], \
@@ -97,20 +97,6 @@ def evaluate(model_dir: str, seeds, backend: str = "numpy", batch_size: int = 64
     for prompt, answer, text in errors[:show_errors]:
         log(f"  wrong: {prompt!r}: expected {answer!r}, got {text!r}")
     return result
-
-
-def mask_iou(scene, prompt: str, answer: str, vae, parse_segments) -> float:
-    """IoU of the answer's first mask with the prompt's object's true pixels (0 if it names another
-    object or does not decode)."""
-    from refpg import scenes
-
-    name = prompt.removeprefix("segment ")
-    i = next(i for i, (colour, shape, _) in enumerate(scene.objects) if f"{colour} {shape}" == name)
-    found = parse_segments(answer, scenes.SIZE, scenes.SIZE, vae)[:1]
-    if not found or found[0].mask is None or found[0].label != name:
-        return 0.0
-    truth = scene.masks[i] > 0.5
-    return float((found[0].mask & truth).sum() / (found[0].mask | truth).sum())
 
 
 def main(argv=None) -> None:
