@@ -1,8 +1,8 @@
 """Tiny random PaliGemma checkpoints, written with NumPy alone in the published layouts.
 
 A checkpoint directory is what a hub download holds: a sparse `config.json`, `model.safetensors`
-(or shards + `model.safetensors.index.json`), `tokenizer.model` (the demo model's, 1621 pieces:
-`<loc0000>`… at ids 6…1029) and `preprocessor_config.json`. Every weight is random — norm weights
+(or shards + `model.safetensors.index.json`), `tokenizer.model` (the demo model's: `<loc0000>`… at
+ids 6…1029, `<seg000>`… at 1030…1157) and `preprocessor_config.json`. Every weight is random — norm weights
 included, so no bug hides behind a zero or a one — drawn from a seed, and stored as F32, F16 or
 BF16 under one of the three namings PaliGemma checkpoints have used.
 """
@@ -22,8 +22,15 @@ from refpg.formats import f32_to_bf16
 from refpg.safetensors_io import write_safetensors
 from refpg.weights import LM_HEAD, PROJECTOR, TEXT, VISION, expected_shapes
 
-VOCAB = 1685          # the demo tokenizer's 1621 pieces, <image> = 1621, and padding rows up to 1685
-IMAGE_TOKEN = 1621
+
+def _demo_pieces() -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=os.path.join(DEMO_MODEL, "tokenizer.model")).get_piece_size()
+
+
+IMAGE_TOKEN = _demo_pieces()  # <image>: the id just past the demo tokenizer's pieces, as published
+VOCAB = IMAGE_TOKEN + 64      # and 64 spare embedding rows
 PAD, EOS, BOS, NEWLINE = 0, 1, 2, 5
 LOC0 = 6              # <loc0000>; <locXXXX> = LOC0 + XXXX
 
