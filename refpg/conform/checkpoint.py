@@ -2,9 +2,9 @@
 
 A checkpoint directory is what a hub download holds: a sparse `config.json`, `model.safetensors`
 (or shards + `model.safetensors.index.json`), `tokenizer.model` (the demo model's: `<loc0000>`… at
-ids 6…1029, `<seg000>`… at 1030…1157) and `preprocessor_config.json`. Every weight is random — norm weights
-included, so no bug hides behind a zero or a one — drawn from a seed, and stored as F32, F16 or
-BF16 under one of the three namings PaliGemma checkpoints have used.
+ids 6…1029, `<seg000>`… at 1030…1157) and `preprocessor_config.json`. Every weight is random —
+norm weights included, so no bug hides behind a zero or a one — drawn from a seed, and stored as
+F32, F16 or BF16 under one of the three namings PaliGemma checkpoints have used.
 """
 
 from __future__ import annotations
