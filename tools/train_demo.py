@@ -357,7 +357,7 @@ def build_model(out_dir: str, seed: int):
     return PaliGemmaForConditionalGeneration(config).float()
 
 
-def smooth_location_embeddings(model, out_dir: str, cycles: tuple[float, float] = (0.5, 40.0)) -> None:
+def smooth_location_embeddings(model, proc: Processor, cycles: tuple[float, float] = (0.5, 40.0)) -> None:
     """Initialise the `<loc0000>`…`<loc1023>` rows of the (tied) embedding as sinusoids of the bin:
     row k = a·[cos(2π f_j k / 1024), sin(2π f_j k / 1024)] for D/2 frequencies f_j spaced
     geometrically over `cycles` (cycles across the whole range), a chosen so the row has the norm of a
@@ -365,11 +365,9 @@ def smooth_location_embeddings(model, out_dir: str, cycles: tuple[float, float] 
     tied LM head, similar logits, so a box learned at one position informs its neighbours; random
     rows make every bin a separate class. The finest period (1024/40 ≈ 26 bins) is not a multiple of
     the 16 bins one pixel spans at 64 px, so whole-pixel positions stay apart."""
-    import sentencepiece as spm
     import torch
 
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
-    ids = torch.tensor([sp.piece_to_id(t) for t in LOC_TOKENS])
+    ids = torch.tensor([proc.sp.piece_to_id(t) for t in LOC_TOKENS])
     weight = model.get_input_embeddings().weight                                     # [V, D]
     dim = weight.shape[1]
     freqs = torch.logspace(math.log10(cycles[0]), math.log10(cycles[1]), dim // 2)  # [D/2]
@@ -399,7 +397,7 @@ def train(out_dir: str, steps: int, images_per_step: int, peak_lr: float, warmup
     proc = Processor.from_pretrained(out_dir)
     model = build_model(out_dir, seed)
     if world is not scenes.GRID_WORLD:  # the free world's recipe (the shipped grid model was trained without it)
-        smooth_location_embeddings(model, out_dir)
+        smooth_location_embeddings(model, proc)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters; vocabulary {proc.vocab_size} pieces "
