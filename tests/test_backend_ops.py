@@ -182,7 +182,7 @@ for bits in (4, 8):  # the widths with vector code: every group size and scale d
     # decode reads codes in 64-byte steps: K = 352 ends in a partial one (with either width)
     CASES.append(("linear", f"affine{bits}-g32-bf16-M3-K352-N37", affine_linear_case(3, 352, 37, bits, 32)))
     CASES.append(("linear", f"affine{bits}-g128-f32-M300-K512-N300", affine_linear_case(300, 512, 300, bits, 128, Format.F32)))
-for bits in (2, 3, 5, 6):  # decode unpacks a tile's codes to bytes (AVX-512 VBMI, or scalar) for the 8-bit loops
+for bits in (2, 3, 5, 6):  # decode unpacks a tile's codes to bytes (AVX-512 VBMI, AVX2 or scalar) for the 8-bit loops
     CASES.append(("linear", f"affine{bits}-g32-bf16-M3-K352-N37", affine_linear_case(3, 352, 37, bits, 32)))
     CASES.append(("linear", f"affine{bits}-g128-f16-M1-K384-N33", affine_linear_case(1, 384, 33, bits, 128, Format.F16)))
     CASES.append(("linear", f"affine{bits}-g64-f32-M8-K2048-N257",

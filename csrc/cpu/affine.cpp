@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -159,20 +160,64 @@ REFPG_TARGET_AVX512VBMI void unpack_rows_vbmi(const uint8_t* bytes, int64_t stri
     }
 }
 
+// The groups of 8 B-bit codes at p and p + B as 16 codes in 16-bit words (see unpack_rows_avx2).
+template <int B>
+REFPG_TARGET_AVX2 inline __m256i codes16(const uint8_t* p, __m256i pick, __m256i mul) {
+  const __m256i v = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + B)), 1);
+  return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, pick), mul), 8);
+}
+
+// The same with AVX2, 32 codes (four groups of 8 codes in B bytes) a step: each 128-bit lane holds
+// one group's bytes from its first, vpshufb puts code j's two bytes (bits j·B … j·B + 15) in 16-bit
+// word j, vpmullw by 2^(8 − j·B mod 8) then a shift right by 8 leaves code j in its low bits (B <= 6:
+// a code spans two bytes at most). A step reads 16 bytes from the last group's first; near a row's
+// end (where that passes the row) the step's 4·B bytes are copied to a zeroed buffer first.
+template <int B>
+REFPG_TARGET_AVX2 void unpack_rows_avx2(const uint8_t* bytes, int64_t stride, int rows, int64_t K,
+                                        const uint8_t* ahead, uint8_t* out) {
+  alignas(32) uint8_t window[32];
+  alignas(32) uint16_t scale[16];
+  for (int lane = 0; lane < 2; ++lane)
+    for (int j = 0; j < 8; ++j) {
+      window[16 * lane + 2 * j] = static_cast<uint8_t>(j * B / 8);
+      window[16 * lane + 2 * j + 1] = static_cast<uint8_t>(j * B / 8 + 1);
+      scale[8 * lane + j] = static_cast<uint16_t>(1u << (8 - j * B % 8));
+    }
+  const __m256i pick = _mm256_load_si256(reinterpret_cast<const __m256i*>(window));
+  const __m256i mul = _mm256_load_si256(reinterpret_cast<const __m256i*>(scale));
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << B) - 1));
+  for (int r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t at = k / 8 * B;
+      const uint8_t* p = bytes + r * stride + at;
+      alignas(16) uint8_t tail[4 * B + 16] = {};
+      if (at + 3 * B + 16 > stride) p = static_cast<const uint8_t*>(std::memcpy(tail, p, 4 * B));
+      if (k % 64 == 0) prefetch_l2(ahead + r * stride + at);
+      // bytes per 128-bit lane: groups 0, 2 | 1, 3 -> quadwords 0, 2, 1, 3 -> in order
+      const __m256i packed = _mm256_packus_epi16(codes16<B>(p, pick, mul), codes16<B>(p + 2 * B, pick, mul));
+      const __m256i codes = _mm256_and_si256(_mm256_permute4x64_epi64(packed, 0xD8), mask);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * K + k), codes);
+    }
+}
+
 bool unpacks(const AffineWeight& w, SimdPath path) { return w.bits != 4 && w.bits != 8 && uses_avx2(path); }
 
 void unpack_rows(int bits, const uint8_t* bytes, int64_t stride, int rows, int64_t K, const uint8_t* ahead,
                  uint8_t* out, SimdPath path) {
   const bool vbmi = (path == SimdPath::Avx512 || path == SimdPath::Amx) && cpu_features().avx512vbmi;
+  const auto run = [&](auto width) {
+    constexpr int B = decltype(width)::value;
+    if (vbmi) return unpack_rows_vbmi<B>(bytes, stride, rows, K, ahead, out);
+    if (uses_avx2(path)) return unpack_rows_avx2<B>(bytes, stride, rows, K, ahead, out);
+    unpack_rows_scalar<B>(bytes, stride, rows, K, ahead, out);
+  };
   switch (bits) {
-    case 2: return vbmi ? unpack_rows_vbmi<2>(bytes, stride, rows, K, ahead, out)
-                        : unpack_rows_scalar<2>(bytes, stride, rows, K, ahead, out);
-    case 3: return vbmi ? unpack_rows_vbmi<3>(bytes, stride, rows, K, ahead, out)
-                        : unpack_rows_scalar<3>(bytes, stride, rows, K, ahead, out);
-    case 5: return vbmi ? unpack_rows_vbmi<5>(bytes, stride, rows, K, ahead, out)
-                        : unpack_rows_scalar<5>(bytes, stride, rows, K, ahead, out);
-    default: return vbmi ? unpack_rows_vbmi<6>(bytes, stride, rows, K, ahead, out)
-                         : unpack_rows_scalar<6>(bytes, stride, rows, K, ahead, out);
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    default: return run(std::integral_constant<int, 6>{});
   }
 }
 

@@ -12,7 +12,7 @@
 //   take integer dot products on x rounded to 16-bit fixed point per group (<= 2^-15 of the
 //   group's largest |x|; see affine.cpp); 8-bit codes without VNNI a float loop (AVX2). 2-, 3-, 5-
 //   and 6-bit codes are unpacked a tile of rows at a time to one byte each (AVX-512 VBMI byte
-//   permutes, else a scalar loop) and take the 8-bit loops. The Scalar path: a portable loop.
+//   permutes, or AVX2 byte shuffles, or a scalar loop) and take the 8-bit loops. The Scalar path: a portable loop.
 #pragma once
 #include <cstdint>
 
