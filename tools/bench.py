@@ -360,6 +360,8 @@ def time_ops(repeat: int) -> list[tuple[str, dict[str, float]]]:
         ("linear 1x2048 @ 2048x16384 (bf16 W)", "linear", (x1, w_up16)),
         ("linear 1x2048 @ 2048x16384 (8-bit W)", "linear", (x1, quantize(w_up.data, 8, 64, Format.BF16))),
         ("linear 1x2048 @ 2048x16384 (4-bit W)", "linear", (x1, quantize(w_up.data, 4, 64, Format.BF16))),
+        ("linear 1x2048 @ 2048x16384 (3-bit W)", "linear", (x1, quantize(w_up.data, 3, 64, Format.BF16))),
+        ("linear 1x2048 @ 2048x16384 (6-bit W)", "linear", (x1, quantize(w_up.data, 6, 64, Format.BF16))),
         ("linear 266x2048 @ 2048x16384 (4-bit W)", "linear", (x266, quantize(w_up.data, 4, 64, Format.BF16))),
         ("attention prefill 266x266, 8 heads, MQA", "attention", (q, kv, kv, mask, 1 / 16, None)),
         ("attention decode 1x266, 8 heads, MQA", "attention", (q[:, -1:], kv, kv, mask[:, -1:], 1 / 16, None)),
