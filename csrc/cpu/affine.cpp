@@ -170,10 +170,11 @@ REFPG_TARGET_AVX2 inline __m256i codes16(const uint8_t* p, __m256i pick, __m256i
 }
 
 // The same with AVX2, 32 codes (four groups of 8 codes in B bytes) a step: each 128-bit lane holds
-// one group's bytes from its first, vpshufb puts code j's two bytes (bits j·B … j·B + 15) in 16-bit
-// word j, vpmullw by 2^(8 − j·B mod 8) then a shift right by 8 leaves code j in its low bits (B <= 6:
-// a code spans two bytes at most). A step reads 16 bytes from the last group's first; near a row's
-// end (where that passes the row) the step's 4·B bytes are copied to a zeroed buffer first.
+// one group's bytes from its first; vpshufb puts the two bytes holding code j (bits j·B …
+// j·B + B − 1) in 16-bit word j, vpmullw by 2^(8 − j·B mod 8) then a shift right by 8 leaves code j
+// in its low bits (B <= 6: a code spans two bytes at most). A step reads 16 bytes from the last
+// group's first; near a row's end (where that passes the row) the step's 4·B bytes are copied to a
+// zeroed buffer first.
 template <int B>
 REFPG_TARGET_AVX2 void unpack_rows_avx2(const uint8_t* bytes, int64_t stride, int rows, int64_t K,
                                         const uint8_t* ahead, uint8_t* out) {
