@@ -189,11 +189,11 @@ REFPG_TARGET_AVX2 void unpack_rows_avx2(const uint8_t* bytes, int64_t stride, in
   const __m256i pick = _mm256_load_si256(reinterpret_cast<const __m256i*>(window));
   const __m256i mul = _mm256_load_si256(reinterpret_cast<const __m256i*>(scale));
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << B) - 1));
+  alignas(16) uint8_t tail[4 * B + 16] = {};  // a step's bytes near a row's end; past them zeros
   for (int r = 0; r < rows; ++r)
     for (int64_t k = 0; k < K; k += 32) {
       const int64_t at = k / 8 * B;
       const uint8_t* p = bytes + r * stride + at;
-      alignas(16) uint8_t tail[4 * B + 16] = {};
       if (at + 3 * B + 16 > stride) p = static_cast<const uint8_t*>(std::memcpy(tail, p, 4 * B));
       if (k % 64 == 0) prefetch_l2(ahead + r * stride + at);
       // bytes per 128-bit lane: groups 0, 2 | 1, 3 -> quadwords 0, 2, 1, 3 -> in order
